@@ -86,11 +86,16 @@ class Plan:
     model: np.ndarray  # int (R,)
     worker: np.ndarray  # int (R,)
     priority: np.ndarray  # float (R,)
+    #: Optional: the policy's own estimate of each request's finish time (NaN for a drop),
+    #: under its own cost model; for metrics and tests, never needed to execute the plan.
+    finish: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         model, worker = np.asarray(self.model), np.asarray(self.worker)
         if model.shape != worker.shape or model.shape != np.shape(self.priority):
             raise ValueError("Plan arrays must all have shape (R,)")
+        if self.finish is not None and np.shape(self.finish) != model.shape:
+            raise ValueError("Plan.finish must have shape (R,)")
         if np.any((model == DROP) != (worker == DROP)):
             raise ValueError("Plan: a request is dropped only when both model and worker are DROP")
 
@@ -148,3 +153,9 @@ def get_policy(name: str) -> Policy:
 
 def _builtin(name: str, target: str) -> None:
     _BUILTINS[name] = target
+
+
+_builtin("random", "serif_dask.policies.baseline:random_policy")
+_builtin("random-cache", "serif_dask.policies.baseline:random_cache")
+_builtin("fastest", "serif_dask.policies.baseline:fastest")
+_builtin("most-accurate", "serif_dask.policies.baseline:most_accurate")
