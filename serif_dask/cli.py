@@ -1,0 +1,181 @@
+"""The ``serif-dask`` command line (also ``dask serif ...``).
+
+Click, because Dask's own CLI is click and the ``dask_cli`` entry point takes a click
+command. Exit status: 0 success, 1 runtime failure, 2 bad config or usage, 130/143 when
+stopped by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from serif_dask.config import ConfigError, SerifConfig, load_config
+
+logger = logging.getLogger("serif_dask")
+
+EXIT_RUNTIME = 1
+EXIT_CONFIG = 2
+
+
+class RunFailed(Exception):
+    """A run could not go on; the message is one line for the user."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="serif-dask")
+def cli() -> None:
+    """Real-time inference over many monitored groups, on Dask."""
+
+
+def _load(paths: tuple[str, ...], simulate: bool = False) -> SerifConfig:
+    return load_config([Path(p) for p in paths], simulate=simulate)
+
+
+@cli.command()
+@click.argument("config", nargs=-1, required=True, type=click.Path())
+@click.option("--simulate", is_flag=True, help="Check as if every model were in profile mode "
+              "and every modality synthetic.")
+def validate(config: tuple[str, ...], simulate: bool) -> None:
+    """Check CONFIG (a directory, or system, application and data files) without running."""
+    cfg = _load(config, simulate)
+    n_models = sum(len(a.model_profiles) for a in cfg.apps)
+    click.echo(
+        f"ok: {len(cfg.apps)} applications, {n_models} models, "
+        f"{len(cfg.system.compute_nodes)} compute nodes, {len(cfg.data.servers)} servers, "
+        f"{cfg.data.num_groups} groups"
+    )
+
+
+@cli.command()
+@click.argument("config", nargs=-1, required=True, type=click.Path())
+@click.option("--duration", type=float, default=None,
+              help="Seconds to run (default: duration-in-secs; 0 runs until Ctrl-C).")
+@click.option("--policy", default=None, help="Scheduling policy (default: scheduler-type).")
+@click.option("--data-aware/--no-data-aware", default=None,
+              help="Let policies see SneakPeek estimates (default: data-aware).")
+@click.option("--seed", type=int, default=None, help="Random seed (default: seed; 0 = clock).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the summary JSON here.")
+@click.option("--records", type=click.Path(dir_okay=False), default=None,
+              help="Write one JSON line per request here.")
+@click.option("--simulate", is_flag=True,
+              help="Run every model in profile mode and every modality on synthetic data.")
+@click.option("--scheduler-address", default=None,
+              help="Use this running Dask scheduler instead of starting a local cluster.")
+@click.option("--dashboard-address", default=None,
+              help="Dashboard address of the local cluster (default: a free port).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def run(
+    config: tuple[str, ...], duration: float | None, policy: str | None,
+    data_aware: bool | None, seed: int | None, json_path: str | None, records: str | None,
+    simulate: bool, scheduler_address: str | None, dashboard_address: str | None, quiet: bool,
+) -> None:
+    """Serve CONFIG: tick every application, schedule, score, and print a summary."""
+    cfg = _load(config, simulate)
+    if policy is not None:
+        from serif_dask.policies import get_policy
+
+        try:
+            get_policy(policy)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--policy") from None
+    from serif_dask.runner import run_deployment
+
+    summary, status = asyncio.run(
+        run_deployment(
+            cfg,
+            duration=duration,
+            policy=policy,
+            data_aware=data_aware,
+            seed=seed,
+            records=Path(records) if records else None,
+            scheduler_address=scheduler_address,
+            dashboard_address=dashboard_address,
+            progress=not quiet and sys.stdout.isatty(),
+        )
+    )
+    if summary is not None:
+        if json_path:
+            Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
+        click.echo(format_summary(summary))
+    if status:
+        sys.exit(status)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A few lines for people; the JSON file has everything."""
+    lat = summary["latency_ms"]
+    p50 = "-" if lat["p50"] is None else f"{lat['p50']:.0f}"
+    p99 = "-" if lat["p99"] is None else f"{lat['p99']:.0f}"
+    acc = "-" if summary["accuracy"] is None else f"{summary['accuracy']:.3f}"
+    lines = [
+        f"serif-dask: policy {summary['policy']}, data-aware {summary['data_aware']}, "
+        f"{summary['ticks']} ticks, seed {summary.get('seed')}",
+        f"  requests {summary['requests']}: completed {summary['completed']}, "
+        f"dropped {summary['dropped']}, failed {summary['failed']}",
+        f"  utility {summary['utility']:.2f} (mean {summary['mean_utility']:.3f}), "
+        f"deadline met {summary['deadline_met']:.1%}, accuracy {acc}, "
+        f"latency p50 {p50} ms p99 {p99} ms",
+    ]
+    for app, s in summary["per_app"].items():
+        lines.append(
+            f"  {app}: {s['requests']} requests, mean utility {s['mean_utility']:.3f}, "
+            f"deadline met {s['deadline_met']:.1%}"
+        )
+    if summary.get("failures_by_reason"):
+        reasons = ", ".join(f"{k} {v}" for k, v in summary["failures_by_reason"].items())
+        lines.append(f"  not completed: {reasons}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one clear line and the right exit status for every failure."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cli.main(args=argv, prog_name="serif-dask", standalone_mode=False)
+    except ConfigError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except RunFailed as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(EXIT_RUNTIME)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # a bug or an unforeseen environment problem: still one line
+        logger.debug("unexpected error", exc_info=True)
+        click.echo(f"error: {type(exc).__name__}: {exc}".splitlines()[0], err=True)
+        sys.exit(EXIT_RUNTIME)
+
+
+def install_signal_handlers(stop: Any) -> dict[int, int]:
+    """SIGINT/SIGTERM stop the run gracefully; returns a dict filled with what arrived."""
+    got: dict[int, int] = {}
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        def handler(sig: int = sig) -> None:
+            got[sig] = got.get(sig, 0) + 1
+            stop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler)
+    return got
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

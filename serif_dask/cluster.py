@@ -1,0 +1,60 @@
+"""A one-machine cluster shaped like the config: one worker per compute node and server.
+
+``serif-dask run`` without ``--scheduler-address`` starts it: a LocalCluster (processes)
+whose workers are named after the config's compute nodes (``resources={"GPU": 1}``) and
+request-generating servers (``data@<server>``, ``resources={"DATA": 1}``). Each worker's
+``SERIF_NODE`` is its config name, so one machine stands in for several nodes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed import LocalCluster, Nanny
+
+from serif_dask.config import SerifConfig
+from serif_dask.scheduler import DATA_PREFIX
+
+
+def worker_specs(config: SerifConfig) -> dict[str, dict[str, Any]]:
+    """Dask SpecCluster worker specs for every compute node and data server."""
+    specs: dict[str, dict[str, Any]] = {}
+    for node in config.system.compute_nodes:
+        specs[node.name] = {
+            "name": node.name,
+            "resources": {"GPU": 1},
+            "env": {"SERIF_NODE": node.name},
+            "nthreads": 1,
+        }
+    for server in config.data.servers:
+        name = f"{DATA_PREFIX}{server.name}"
+        specs[name] = {
+            "name": name,
+            "resources": {"DATA": 1},
+            "env": {"SERIF_NODE": server.name},
+            "nthreads": max(1, min(int(server.workers), 4)),
+        }
+    return specs
+
+
+async def start_local_cluster(
+    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: int | bool = 40
+) -> LocalCluster:
+    """Start (asynchronously) a LocalCluster with exactly the config's workers."""
+    cluster = await LocalCluster(
+        n_workers=0,
+        processes=True,
+        threads_per_worker=1,
+        dashboard_address=dashboard_address or ":0",
+        asynchronous=True,
+        silence_logs=silence_logs,
+        memory_limit=None,
+        scheduler_kwargs={"preload": ["serif_dask.scheduler"]},
+    )
+    base = dict(cluster.new_spec["options"])
+    for name, spec in worker_specs(config).items():
+        options = {**base, **spec, "preload": ["serif_dask.worker"]}
+        cluster.worker_spec[name] = {"cls": Nanny, "options": options}
+    await cluster._correct_state()
+    await cluster.wait_for_workers(len(cluster.worker_spec))
+    return cluster

@@ -1,0 +1,378 @@
+"""The tick clock: one small Dask graph per due application tick.
+
+read (per server × modality) → peek (per server) → plan (the scheduler plugin's handler)
+→ score (per worker × model, pinned to GPU workers) → record. The number of tasks in a
+tick depends on servers, modalities, workers and models, never on the number of groups.
+The driver is a coroutine on the client's event loop; it never waits on the scheduler's
+loop and accounts for every request, whatever happens to its tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client, Future
+from distributed.protocol.pickle import dumps, loads
+
+from serif_dask.config import Application, SerifConfig
+from serif_dask.records import Chunk, RecordLog, completed_utility, summary
+from serif_dask.tasks import fit_task, peek_task, read_task, score_task
+
+logger = logging.getLogger("serif_dask.driver")
+
+#: Seconds past a tick's last deadline (2 × sla) the driver still waits for its batches.
+GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What ``run`` was asked to do; the edge (CLI or API) resolves every default."""
+
+    duration: float  # seconds; 0 = until stopped
+    policy: str
+    data_aware: bool
+    seed: int
+    records_path: Path | None = None
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None
+    stop_grace_s: float = 3.0
+
+
+@dataclass
+class RunStats:
+    ticks: int = 0
+    ticks_late: int = 0
+    decision_ms: list[float] = field(default_factory=list)
+
+
+def peek_modality(config: SerifConfig, app: Application) -> str:
+    """The modality SneakPeek looks at: configured, else the app's smallest input."""
+    if app.sneakpeek.modality:
+        return app.sneakpeek.modality
+    mods = {p.modality for p in app.model_profiles}
+    return min(
+        sorted(mods), key=lambda m: int(np.prod(config.modality(m).synthetic_shape))
+    )
+
+
+class Driver:
+    """Runs ticks of every application on a Dask cluster whose plugins are installed."""
+
+    def __init__(self, client: Client, config: SerifConfig, options: RunOptions):
+        self.client = client
+        self.config = config
+        self.options = options
+        self.run_id = uuid.uuid4().hex[:8]
+        self.log = RecordLog(options.records_path)
+        self.stats = RunStats()
+        self.stop_event = asyncio.Event()
+        self.estimators: dict[str, Future] = {}
+        self.inflight: set[asyncio.Task] = set()
+        self.started = 0.0
+        self.scheduler_lost = False
+
+    # -- set-up --------------------------------------------------------------------------
+    async def configure(self) -> None:
+        await self.client.scheduler.serif_configure(
+            config=dumps(self.config),
+            run_id=self.run_id,
+            policy=self.options.policy,
+            data_aware=self.options.data_aware,
+            seed=self.options.seed,
+        )
+        data = await self._data_workers()
+        for app in self.config.apps:
+            mod = peek_modality(self.config, app)
+            servers = [s for s in self.config.server_names if self.config.groups_of(s, mod)]
+            server = next((s for s in servers if s in data), None)
+            if server is None:
+                continue
+            self.estimators[app.name] = self.client.submit(
+                fit_task, self.run_id, app.name, mod, server,
+                key=f"serif-fit-{self.run_id}-{app.name}", workers=[data[server]],
+                allow_other_workers=False, pure=False,
+            )
+        if self.estimators:
+            await asyncio.wait([asyncio.ensure_future(f) for f in self.estimators.values()])
+
+    async def _workers(self) -> list[dict[str, Any]]:
+        return (await self.client.scheduler.serif_state())["workers"]
+
+    async def _data_workers(self) -> dict[str, str]:
+        return {w["node"]: w["address"] for w in await self._workers() if w["role"] == "data"}
+
+    # -- the clock -----------------------------------------------------------------------
+    async def run(self, progress: Callable[[RunStats, RecordLog], None] | None = None) -> dict:
+        """Tick until the duration is over or :meth:`stop` is called; return the summary."""
+        self.log.open()
+        try:
+            await self.configure()
+            await self._clock(progress)
+        finally:
+            await self._drain()
+            self.log.close()
+        return self.summary()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    async def _clock(self, progress: Callable[[RunStats, RecordLog], None] | None) -> None:
+        apps = self.config.apps
+        self.started = start = time.time()
+        index = [0] * len(apps)
+        duration = self.options.duration
+        while not self.stop_event.is_set():
+            due = [start + index[i] * a.sample_duration for i, a in enumerate(apps)]
+            next_due = min(due)
+            if duration and next_due >= start + duration:
+                break
+            wait = next_due - time.time()
+            if wait > 0:
+                try:
+                    await asyncio.wait_for(self.stop_event.wait(), timeout=wait)
+                    break
+                except TimeoutError:
+                    pass
+            now = time.time()
+            for i, app in enumerate(apps):
+                if due[i] > now:
+                    continue
+                if now - due[i] > min(0.5, app.sample_duration / 2):
+                    self.stats.ticks_late += 1
+                task = asyncio.create_task(self._tick(app, index[i], now))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+                index[i] += 1
+                self.stats.ticks += 1
+            if progress is not None:
+                progress(self.stats, self.log)
+
+    async def _drain(self) -> None:
+        """Let in-flight ticks finish: up to their deadlines on a normal end, briefly on stop."""
+        if not self.inflight:
+            return
+        if self.stop_event.is_set():
+            timeout = self.options.stop_grace_s
+        else:
+            timeout = max(2 * a.sla_latency for a in self.config.apps) + GRACE_S
+        _, pending = await asyncio.wait(set(self.inflight), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
+    # -- one tick ------------------------------------------------------------------------
+    async def _tick(self, app: Application, tick: int, arrival: float) -> None:
+        groups = np.arange(self.config.data.num_groups, dtype=np.int64)
+        pending = np.ones(groups.size, dtype=bool)  # not yet recorded
+
+        def record(chunk: Chunk) -> None:
+            pending[chunk.group] = False
+            self.log.add(chunk)
+            if self.options.on_records is not None:
+                self.options.on_records(list(chunk.rows()))
+
+        def fail(which: np.ndarray, reason: str, model: str = "", worker: str = "") -> None:
+            which = which[pending[which]]
+            if which.size:
+                record(self._chunk(app, tick, which, arrival, "failed", reason, model, worker))
+
+        futures: list[Future] = []
+        try:
+            await self._tick_body(app, tick, arrival, groups, pending, record, fail, futures)
+        except asyncio.CancelledError:
+            fail(groups, "stopped")
+            raise
+        except Exception as exc:
+            if self.client.status not in ("running", "connecting"):
+                self.scheduler_lost = True
+                self.stop()
+                fail(groups, "scheduler-lost")
+            else:
+                logger.exception("serif: tick %d of %s failed", tick, app.name)
+                fail(groups, f"tick-error: {type(exc).__name__}: {exc}")
+        finally:
+            fail(groups, "unaccounted")  # nothing recorded yet is failed, never lost
+            for fut in futures:
+                fut.release()
+
+    async def _tick_body(
+        self, app: Application, tick: int, arrival: float, groups: np.ndarray,
+        pending: np.ndarray, record: Callable[[Chunk], None], fail: Callable[..., None],
+        futures: list[Future],
+    ) -> None:
+        config, client = self.config, self.client
+        workers = await self._workers()
+        data = {w["node"]: w for w in workers if w["role"] == "data"}
+        peek_mod = peek_modality(config, app)
+        mods = sorted({p.modality for p in app.model_profiles} | {peek_mod})
+        needs_samples = {
+            m: m == peek_mod
+            or any(p.modality == m and not p.use_profile for p in app.model_profiles)
+            for m in mods
+        }
+        reads: dict[str, list[tuple[str, Future]]] = {m: [] for m in mods}
+        input_node = {m: np.full(groups.size, "", dtype=object) for m in mods}
+        for mod in mods:
+            for server in config.server_names:
+                owned = np.asarray(config.groups_of(server, mod), dtype=np.int64)
+                if owned.size == 0:
+                    continue
+                worker = data.get(server)
+                if worker is None:
+                    fail(owned, "reader-lost")
+                    continue
+                input_node[mod][owned] = worker["host_node"]
+                fut = client.submit(
+                    read_task, self.run_id, app.name, mod, server, owned.tolist(), tick,
+                    needs_samples[mod],
+                    key=f"serif-read-{self.run_id}-{app.name}-{tick}-{server}-{mod}",
+                    workers=[worker["address"]], allow_other_workers=False, pure=False,
+                )
+                futures.append(fut)
+                reads[mod].append((server, fut))
+
+        scores = np.full((groups.size, len(app.prior)), np.nan)
+        estimator = self.estimators.get(app.name)
+        if estimator is not None and reads[peek_mod]:
+            peeks = [
+                client.submit(
+                    peek_task, fut, estimator, len(app.prior),
+                    key=f"serif-peek-{self.run_id}-{app.name}-{tick}-{server}",
+                    workers=[data[server]["address"]], allow_other_workers=False, pure=False,
+                )
+                for server, fut in reads[peek_mod]
+            ]
+            futures.extend(peeks)
+            for result in await client.gather(peeks, errors="skip", asynchronous=True):
+                scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
+
+        live = groups[pending]
+        if live.size == 0:
+            return
+        plan = await client.scheduler.serif_plan(
+            app=app.name, tick=tick, groups=live.tolist(),
+            arrival=[arrival] * live.size, scores=dumps(scores[live]),
+            input_node={m: input_node[m][live].tolist() for m in mods},
+        )
+        self.stats.decision_ms.append(plan["decision_ms"])
+        pi = np.asarray(loads(plan["pi"]), dtype=float)
+        pi_by_group = np.full((groups.size, pi.shape[1]), np.nan)
+        pi_by_group[live] = pi
+        dropped = np.asarray(plan["dropped"], dtype=np.int64)
+        if dropped.size:
+            record(self._chunk(app, tick, dropped, arrival, "dropped", plan["drop_reason"]))
+
+        batches: dict[Future, dict[str, Any]] = {}
+        for batch in plan["batches"]:
+            profile = next(p for p in app.model_profiles if p.name == batch["model"])
+            fut = client.submit(
+                score_task, self.run_id, app.name, batch["model"], batch["groups"],
+                [f for _, f in reads[profile.modality]], tick,
+                key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
+                resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)),
+                pure=False,
+            )
+            futures.append(fut)
+            batches[fut] = batch
+        await self._collect(app, tick, arrival, batches, pi_by_group, record, fail)
+
+    async def _collect(
+        self, app: Application, tick: int, arrival: float,
+        batches: dict[Future, dict[str, Any]], pi: np.ndarray,
+        record: Callable[[Chunk], None], fail: Callable[..., None],
+    ) -> None:
+        """Record each batch as it finishes; fail batches whose worker is gone."""
+        waiting = {asyncio.ensure_future(self._result(f)): f for f in batches}
+        while waiting:
+            done, _ = await asyncio.wait(waiting, timeout=1.0, return_when="FIRST_COMPLETED")
+            for task in done:
+                fut = waiting.pop(task)
+                batch = batches[fut]
+                groups = np.asarray(batch["groups"], dtype=np.int64)
+                result, error = task.result()
+                if error is not None:
+                    fail(groups, f"model-error: {error}", batch["model"], batch["worker"])
+                    continue
+                self._record_result(app, tick, arrival, result, pi, record, fail)
+            if waiting and not done:
+                alive = {w["address"] for w in await self._workers()}
+                for task, fut in list(waiting.items()):
+                    batch = batches[fut]
+                    if batch["worker"] not in alive:
+                        task.cancel()
+                        fut.cancel()
+                        del waiting[task]
+                        fail(np.asarray(batch["groups"], dtype=np.int64), "worker-lost",
+                             batch["model"], batch["worker"])
+
+    @staticmethod
+    async def _result(fut: Future) -> tuple[Any, str | None]:
+        try:
+            return await fut, None
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return None, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+    def _record_result(
+        self, app: Application, tick: int, arrival: float, result: dict[str, Any],
+        pi: np.ndarray, record: Callable[[Chunk], None], fail: Callable[..., None],
+    ) -> None:
+        groups, ok = result["groups"], result["ok"]
+        for group, reason in sorted(result["errors"].items()):
+            fail(np.asarray([group]), reason, result["model"], result["worker"])
+        groups, pred, labels = groups[ok], result["pred"][ok], result["labels"][ok]
+        if groups.size == 0:
+            return
+        finish = np.full(groups.size, result["finish"])
+        latency = finish - arrival
+        u = completed_utility(
+            latency, app.sla_latency, np.asarray(app.utility_matrix, dtype=float),
+            np.asarray(app.prior, dtype=float), labels, pred,
+        )
+        pi_rows = pi[groups]
+        known = (labels >= 0) & np.all(np.isfinite(pi_rows), axis=1)
+        onehot = np.eye(pi.shape[1])[np.maximum(labels, 0)]
+        brier = np.where(known, ((pi_rows - onehot) ** 2).sum(axis=1), np.nan)
+        chunk = Chunk(
+            app=app.name, tick=tick, model=result["model"], worker=result["worker"],
+            outcome="completed", group=groups, arrival=np.full(groups.size, arrival),
+            finish=finish, prediction=pred, label=labels, utility=u,
+            deadline_met=latency <= app.sla_latency, reason=[""] * groups.size,
+            pi_correct=(np.argmax(np.nan_to_num(pi_rows), axis=1) == labels)[known],
+            brier=brier[known],
+        )
+        record(chunk)
+
+    def _chunk(
+        self, app: Application, tick: int, groups: np.ndarray, arrival: float, outcome: str,
+        reason: str, model: str = "", worker: str = "",
+    ) -> Chunk:
+        n = groups.size
+        return Chunk(
+            app=app.name, tick=tick, model=model, worker=worker, outcome=outcome,
+            group=groups, arrival=np.full(n, arrival), finish=np.full(n, np.nan),
+            prediction=np.full(n, -1), label=np.full(n, -1),
+            utility=np.full(n, float(app.miss_utility)), deadline_met=np.zeros(n, bool),
+            reason=[reason] * n,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return summary(
+            self.log, policy=self.options.policy, data_aware=self.options.data_aware,
+            ticks=self.stats.ticks, decision_ms=self.stats.decision_ms,
+            extra={
+                "ticks_late": self.stats.ticks_late,
+                "seed": self.options.seed,
+                "run_id": self.run_id,
+                "wall_s": time.time() - self.started if self.started else 0.0,
+            },
+        )

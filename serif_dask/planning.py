@@ -1,0 +1,187 @@
+"""Turn a config and the cluster's state into the arrays a policy plans over.
+
+Built once per run on the scheduler (:class:`ModelTable`), then, per tick, a
+:class:`~serif_dask.policies.PlanProblem` is assembled with pure numpy: no per-request
+Python loops, so planning cost grows with requests only through vectorised operations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serif_dask.config import SerifConfig
+from serif_dask.policies import PlanProblem
+from serif_dask.utility import expected_utility, row_normalise
+
+
+@dataclass(frozen=True, eq=False)
+class AppTable:
+    """One application's matrices: P (M_a, K, K) row-normalised confusion, U (K, K)."""
+
+    index: int
+    name: str
+    k: int
+    prior: np.ndarray
+    utility: np.ndarray
+    confusion: np.ndarray
+    models: np.ndarray  # int (M_a,): global model indices
+    sla: float
+    miss_utility: float
+
+
+@dataclass(frozen=True, eq=False)
+class ModelTable:
+    """Every model of every application, indexed globally, with per-node latencies."""
+
+    names: tuple[str, ...]  # "app/model"
+    model_app: np.ndarray  # int (M,)
+    modality: tuple[str, ...]  # (M,)
+    infer_node: np.ndarray  # float (M, N): inf where the node has no profile
+    switch_node: np.ndarray  # float (M, N)
+    node_names: tuple[str, ...]  # compute nodes, N
+    apps: tuple[AppTable, ...]
+    modality_names: tuple[str, ...]
+    # retrieval_node[mod, n]: seconds to fetch an input of modality mod to compute node n
+    retrieval_node: np.ndarray
+
+    @classmethod
+    def from_config(cls, config: SerifConfig) -> ModelTable:
+        nodes = tuple(node.name for node in config.system.compute_nodes)
+        node_index = {name: i for i, name in enumerate(nodes)}
+        names: list[str] = []
+        model_app: list[int] = []
+        modality: list[str] = []
+        infer_rows: list[np.ndarray] = []
+        switch_rows: list[np.ndarray] = []
+        apps: list[AppTable] = []
+        for a, app in enumerate(config.apps):
+            first = len(names)
+            confusion = []
+            for profile in app.model_profiles:
+                names.append(f"{app.name}/{profile.name}")
+                model_app.append(a)
+                modality.append(profile.modality)
+                infer = np.full(len(nodes), np.inf)
+                switch = np.full(len(nodes), np.inf)
+                for node, (t_infer, t_switch) in profile.latencies.items():
+                    infer[node_index[node]] = t_infer
+                    switch[node_index[node]] = t_switch
+                infer_rows.append(infer)
+                switch_rows.append(switch)
+                confusion.append(row_normalise(np.asarray(profile.cmat, dtype=float)))
+            apps.append(
+                AppTable(
+                    index=a,
+                    name=app.name,
+                    k=len(app.prior),
+                    prior=np.asarray(app.prior, dtype=float),
+                    utility=np.asarray(app.utility_matrix, dtype=float),
+                    confusion=np.stack(confusion),
+                    models=np.arange(first, len(names)),
+                    sla=float(app.sla_latency),
+                    miss_utility=float(app.miss_utility),
+                )
+            )
+        modality_names = tuple(m.name for m in config.data.data_modalities)
+        retrieval = np.zeros((len(modality_names), len(nodes)))
+        for i, mod in enumerate(config.data.data_modalities):
+            for node, seconds in mod.retrieval_latencies.items():
+                if node in node_index:
+                    retrieval[i, node_index[node]] = seconds
+        return cls(
+            names=tuple(names),
+            model_app=np.asarray(model_app, dtype=np.int64),
+            modality=tuple(modality),
+            infer_node=np.stack(infer_rows),
+            switch_node=np.stack(switch_rows),
+            node_names=nodes,
+            apps=tuple(apps),
+            modality_names=modality_names,
+            retrieval_node=retrieval,
+        )
+
+    @property
+    def n_models(self) -> int:
+        return len(self.names)
+
+    def app(self, name: str) -> AppTable:
+        for app in self.apps:
+            if app.name == name:
+                return app
+        raise KeyError(name)
+
+    def model_index(self, app: str, model: str) -> int:
+        return self.names.index(f"{app}/{model}")
+
+
+@dataclass(frozen=True, eq=False)
+class WorkerView:
+    """The compute workers a plan may use, in a fixed order."""
+
+    addresses: tuple[str, ...]
+    node_index: np.ndarray  # int (W,): index into ModelTable.node_names
+    host_node: tuple[str, ...]  # shared-memory node of each worker ($SERIF_NODE)
+    backlog: np.ndarray  # float (W,)
+    warm: np.ndarray  # bool (W, M)
+
+
+def build_problem(
+    table: ModelTable,
+    app: AppTable,
+    groups: np.ndarray,
+    arrival: np.ndarray,
+    pi: np.ndarray,
+    input_node: dict[str, np.ndarray],
+    workers: WorkerView,
+    now: float,
+    rng: np.random.Generator,
+) -> PlanProblem:
+    """Assemble one application's pending requests into a PlanProblem.
+
+    ``input_node[modality]`` names, per request, the shared-memory node holding its input
+    (empty string when unknown); a worker on that node reads it for free, any other pays
+    the modality's retrieval latency for its compute node.
+    """
+    n = groups.shape[0]
+    m_all = table.n_models
+    eu = np.full((n, m_all), -np.inf)
+    eu_prior = np.full((n, m_all), -np.inf)
+    eu[:, app.models] = expected_utility(pi, app.confusion, app.utility)
+    prior = np.broadcast_to(app.prior, (1, app.k))
+    eu_prior[:, app.models] = expected_utility(prior, app.confusion, app.utility)[0]
+
+    w = len(workers.addresses)
+    infer = table.infer_node[:, workers.node_index] if w else np.zeros((m_all, 0))
+    switch = table.switch_node[:, workers.node_index] if w else np.zeros((m_all, 0))
+    retrieval = np.zeros((n, m_all, w))
+    if w:
+        hosts = np.asarray(workers.host_node)
+        for mod_name, nodes in input_node.items():
+            cols = [i for i in app.models if table.modality[i] == mod_name]
+            if not cols:
+                continue
+            mod = table.modality_names.index(mod_name)
+            cost = table.retrieval_node[mod, workers.node_index]  # (W,)
+            remote = np.asarray(nodes)[:, None] != hosts[None, :]  # (R, W)
+            retrieval[:, cols, :] = (remote * cost[None, :])[:, None, :]
+    return PlanProblem(
+        now=now,
+        app=np.full(n, app.index, dtype=np.int64),
+        group=np.asarray(groups, dtype=np.int64),
+        arrival=np.asarray(arrival, dtype=float),
+        sla=np.full(n, app.sla),
+        eu=eu,
+        eu_prior=eu_prior,
+        miss_utility=np.full(n, app.miss_utility),
+        retrieval=retrieval,
+        model_app=table.model_app,
+        infer=infer,
+        switch=switch,
+        backlog=workers.backlog.astype(float),
+        warm=workers.warm,
+        rng=rng,
+        model_names=table.names,
+        worker_names=workers.addresses,
+    )

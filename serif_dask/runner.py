@@ -1,0 +1,123 @@
+"""One run from the command line: cluster, plugins, driver, signals, clean-up.
+
+Everything started here is stopped here, on success, on failure and on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from distributed import Client
+
+from serif_dask.api import Serif
+from serif_dask.config import SerifConfig
+from serif_dask.driver import RunStats
+from serif_dask.records import RecordLog
+
+logger = logging.getLogger("serif_dask.runner")
+
+
+class _Progress:
+    """A live line on a terminal: ticks, requests, utility, misses (rich, not escape codes)."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.console = Console(stderr=True)
+        self.live = Live(console=self.console, refresh_per_second=4, transient=True)
+
+    def __enter__(self) -> _Progress:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.__exit__(*exc)
+
+    def __call__(self, stats: RunStats, log: RecordLog) -> None:
+        n = len(log)
+        done = sum(len(c) for c in log.chunks if c.outcome == "completed")
+        utility = sum(float(c.utility.sum()) for c in log.chunks)
+        missed = n - sum(int(c.deadline_met.sum()) for c in log.chunks)
+        self.live.update(
+            f"ticks {stats.ticks} (late {stats.ticks_late})  requests {n}  completed {done}  "
+            f"utility {utility:.1f}  deadline misses {missed}"
+        )
+
+
+async def run_deployment(
+    config: SerifConfig,
+    *,
+    duration: float | None,
+    policy: str | None,
+    data_aware: bool | None,
+    seed: int | None,
+    records: Path | None,
+    scheduler_address: str | None,
+    dashboard_address: str | None,
+    progress: bool,
+) -> tuple[dict[str, Any] | None, int]:
+    """Run ``config``; return (summary, exit status)."""
+    from serif_dask.cli import RunFailed, install_signal_handlers
+
+    if not logger.isEnabledFor(logging.INFO):
+        # The local scheduler lives in this process: keep Dask's chatter off the terminal.
+        logging.getLogger("distributed").setLevel(logging.ERROR)
+    cluster = None
+    client: Client | None = None
+    serif: Serif | None = None
+    stopped: dict[int, int] = {}
+    status = 0
+    try:
+        stopped = install_signal_handlers(lambda: serif.stop() if serif else None)
+        if scheduler_address:
+            try:
+                client = await asyncio.wait_for(
+                    Client(scheduler_address, asynchronous=True), timeout=30
+                )
+            except (OSError, TimeoutError) as exc:
+                raise RunFailed(f"cannot reach scheduler {scheduler_address}: {exc}") from None
+        else:
+            from serif_dask.cluster import start_local_cluster
+
+            cluster = await start_local_cluster(config, dashboard_address=dashboard_address)
+            client = await Client(cluster, asynchronous=True)
+            host = cluster.scheduler.address
+            logger.info("local cluster at %s, dashboard %s", host, cluster.dashboard_link)
+        if stopped:
+            return None, _signal_status(stopped)
+        serif = Serif(
+            client, config, policy=policy, data_aware=data_aware, seed=seed, records=records
+        )
+        await serif.install()
+        bar = _Progress() if progress else None
+        with bar if bar is not None else contextlib.nullcontext():
+            summary = await serif.run_async(duration, progress=bar)
+        if serif.driver is not None and serif.driver.scheduler_lost:
+            print("error: lost the Dask scheduler; summary holds what was recorded",
+                  file=sys.stderr)
+            status = 1
+        if stopped:
+            status = _signal_status(stopped)
+        return summary, status
+    finally:
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.close(), timeout=10)
+        if cluster is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(cluster.close(), timeout=20)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+
+
+def _signal_status(stopped: dict[int, int]) -> int:
+    return 143 if signal.SIGTERM in stopped else 130

@@ -1,0 +1,430 @@
+"""The scheduler side of serif-dask: SneakPeek state, worker state and the policy.
+
+Install ahead of time with ``dask scheduler --preload serif_dask.scheduler``, or let
+:class:`serif_dask.Serif` install it from a client. The plugin never does Redis or disk
+I/O, and the policy runs in a one-thread executor so a large plan does not stall the
+scheduler's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps, loads
+from distributed.scheduler import Scheduler
+
+from serif_dask.config import SerifConfig
+from serif_dask.planning import ModelTable, WorkerView, build_problem
+from serif_dask.policies import DROP, Plan, get_policy
+from serif_dask.sneakpeek import GroupBeliefs
+
+logger = logging.getLogger("serif_dask.scheduler")
+
+#: A data worker may be named ``data@<server>`` or just ``<server>``.
+DATA_PREFIX = "data@"
+
+
+@dataclass
+class WorkerState:
+    """What the plugin believes about one worker, updated by plans and task completions."""
+
+    address: str
+    name: str
+    role: str  # "compute", "data" or "other"
+    node: str  # the compute node or server of the config this worker stands for
+    host_node: str  # shared-memory node ($SERIF_NODE or host)
+    warm: dict[str, None] = field(default_factory=dict)  # ordered: an LRU of model names
+    busy_until: float = 0.0
+    pending: set[str] = field(default_factory=set)
+
+
+@dataclass
+class AppMetrics:
+    """Running totals per application, for the dashboard and /metrics."""
+
+    requests: int = 0
+    completed: int = 0
+    dropped: int = 0
+    failed: int = 0
+    utility: float = 0.0
+    deadline_met: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    latencies: deque = field(default_factory=lambda: deque(maxlen=4096))
+    timeline: deque = field(default_factory=lambda: deque(maxlen=2048))  # (t, mean utility)
+
+
+def worker_role(name: str, resources: dict[str, float]) -> tuple[str, str]:
+    """Map a Dask worker to (role, config name) from its resources and name."""
+    name = str(name)
+    if resources.get("GPU", 0) > 0 and resources.get("DATA", 0) > 0:
+        logger.error("worker %s has both GPU and DATA resources; serving it as compute", name)
+    if resources.get("GPU", 0) > 0:
+        return "compute", name
+    if resources.get("DATA", 0) > 0:
+        return "data", name.removeprefix(DATA_PREFIX)
+    return "other", name
+
+
+class SerifSchedulerPlugin(SchedulerPlugin):
+    """Holds configs, per-group SneakPeek state, worker state, the policy and metrics."""
+
+    name = "serif"
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler = scheduler
+        self.scheduler.handlers.update(
+            {
+                "serif_configure": self.configure,
+                "serif_get_config": self.get_config,
+                "serif_plan": self.plan,
+                "serif_report": self.report,
+                "serif_state": self.state,
+                "serif_warm": self.warm_update,
+            }
+        )
+        self.config: SerifConfig | None = None
+        self.config_bytes: bytes | None = None
+        self.run_id: str | None = None
+        self.table: ModelTable | None = None
+        self.policy_name = ""
+        self.policy: Any = None
+        self.data_aware = False
+        self.seed = 0
+        self.beliefs: dict[str, GroupBeliefs] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self.pending: dict[str, str] = {}  # score key -> worker address
+        self.lost_workers: dict[str, float] = {}
+        self.metrics: dict[str, AppMetrics] = {}
+        self.decision_ms: deque[float] = deque(maxlen=4096)
+        self.latest_pi: dict[str, np.ndarray] = {}
+        self.hook_errors = 0
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="serif-plan")
+        for address in list(self.scheduler.workers):
+            self._track_worker(address)
+        self.scheduler.add_plugin(self, name=self.name, idempotent=True)
+
+    # -- lifecycle hooks (must never raise: Dask swallows hook errors) ------------------
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        try:
+            self._track_worker(worker)
+        except Exception:
+            self.hook_errors += 1
+            logger.exception("serif: add_worker hook failed for %s", worker)
+
+    def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
+        try:
+            state = self.workers.pop(worker, None)
+            if state is not None:
+                self.lost_workers[worker] = time.time()
+                for key in state.pending:
+                    self.pending.pop(key, None)
+                closing = self.scheduler.status.name in ("closing", "closed")
+                log = logger.info if closing or not state.pending else logger.warning
+                log("serif: %s worker %s (%s) left", state.role, state.name, worker)
+        except Exception:
+            self.hook_errors += 1
+            logger.exception("serif: remove_worker hook failed for %s", worker)
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        if finish not in ("memory", "erred", "forgotten"):
+            return
+        try:
+            address = self.pending.pop(key, None)  # type: ignore[arg-type]
+            if address is None:
+                return
+            state = self.workers.get(address)
+            if state is not None:
+                state.pending.discard(key)
+                if not state.pending:
+                    state.busy_until = min(state.busy_until, time.time())
+        except Exception:
+            self.hook_errors += 1
+            logger.exception("serif: transition hook failed for %s", key)
+
+    def _track_worker(self, address: str) -> None:
+        ws = self.scheduler.workers.get(address)
+        if ws is None:
+            return
+        role, node = worker_role(ws.name, dict(ws.resources))
+        previous = self.workers.get(address)
+        self.workers[address] = WorkerState(
+            address=address,
+            name=str(ws.name),
+            role=role,
+            node=node,
+            host_node=previous.host_node if previous else node,
+        )
+
+    # -- handlers -------------------------------------------------------------------------
+    async def configure(
+        self,
+        config: bytes,
+        run_id: str,
+        policy: str,
+        data_aware: bool,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Start a run: install its config and policy and reset every per-run state."""
+        parsed: SerifConfig = loads(config)
+        policy_obj = get_policy(policy)
+        self.config, self.config_bytes, self.run_id = parsed, config, run_id
+        self.table = ModelTable.from_config(parsed)
+        self.policy_name, self.policy = policy, policy_obj
+        self.data_aware, self.seed = bool(data_aware), int(seed)
+        self.beliefs = {
+            app.name: GroupBeliefs(
+                prior=np.asarray(app.prior, dtype=float),
+                n_groups=parsed.data.num_groups,
+                memory=app.sneakpeek.memory,
+                strength=app.sneakpeek.strength,
+            )
+            for app in parsed.apps
+        }
+        self.metrics = {app.name: AppMetrics() for app in parsed.apps}
+        self.decision_ms.clear()
+        self.latest_pi.clear()
+        self.lost_workers.clear()
+        self.pending.clear()
+        for state in self.workers.values():
+            state.pending.clear()
+            state.busy_until = 0.0
+        await self._refresh_workers()
+        return {"workers": self._describe_workers()}
+
+    def get_config(self, run_id: str | None = None) -> dict[str, Any]:
+        """Workers pull the run's config lazily, on their first task of a run."""
+        if self.config_bytes is None or (run_id is not None and run_id != self.run_id):
+            return {"run_id": self.run_id, "config": None}
+        return {"run_id": self.run_id, "config": self.config_bytes, "seed": self.seed}
+
+    def warm_update(self, worker: str, node: str, warm: list[str]) -> None:
+        """A worker plugin reports its shared-memory node and its warm models (LRU order)."""
+        state = self.workers.get(worker)
+        if state is None:
+            return
+        state.host_node = node
+        state.warm = dict.fromkeys(warm)
+
+    async def plan(
+        self,
+        app: str,
+        tick: int,
+        groups: list[int],
+        arrival: list[float],
+        scores: bytes | None,
+        input_node: dict[str, list[str]],
+    ) -> dict[str, Any]:
+        """Pick a model and worker per request of one application's tick."""
+        if self.table is None or self.config is None:
+            raise RuntimeError("serif: no run is configured on this scheduler")
+        started = time.perf_counter()
+        table = self.table
+        app_table = table.app(app)
+        groups_arr = np.asarray(groups, dtype=np.int64)
+        arrival_arr = np.asarray(arrival, dtype=float)
+        beliefs = self.beliefs[app]
+        if scores is not None and groups_arr.size:
+            score_arr = np.asarray(loads(scores), dtype=float)
+            seen = np.all(np.isfinite(score_arr), axis=1)  # failed reads carry NaN rows
+            if seen.any():
+                beliefs.observe(groups_arr[seen], score_arr[seen])
+        pi_est = beliefs.pi(groups_arr)
+        self.latest_pi[app] = beliefs.pi(np.arange(self.config.data.num_groups))
+        pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
+
+        now = time.time()
+        view = self._worker_view(now)
+        problem = build_problem(
+            table,
+            app_table,
+            groups_arr,
+            arrival_arr,
+            pi,
+            {mod: np.asarray(nodes) for mod, nodes in input_node.items()},
+            view,
+            now,
+            np.random.default_rng([self.seed, app_table.index, tick]),
+        )
+        if len(view.addresses) == 0:
+            plan = Plan(
+                model=np.full(len(groups), DROP),
+                worker=np.full(len(groups), DROP),
+                priority=np.zeros(len(groups)),
+            )
+        else:
+            loop = asyncio.get_running_loop()
+            plan = await loop.run_in_executor(self._executor, self.policy, problem)
+        batches = self._commit(app_table.name, tick, problem, plan, view)
+        decision_ms = (time.perf_counter() - started) * 1000.0
+        self.decision_ms.append(decision_ms)
+        dropped = groups_arr[np.asarray(plan.model) == DROP]
+        return {
+            "batches": batches,
+            "dropped": dropped.tolist(),
+            "drop_reason": "no-worker" if len(view.addresses) == 0 else "policy-drop",
+            "decision_ms": decision_ms,
+            "pi": dumps(pi_est),
+        }
+
+    def report(self, app: str, outcomes: dict[str, int], reasons: dict[str, int],
+               utility: float, deadline_met: int, latencies: list[float]) -> None:
+        """The driver reports finished requests, for live metrics."""
+        metrics = self.metrics.get(app)
+        if metrics is None:
+            return
+        n = sum(outcomes.values())
+        metrics.requests += n
+        metrics.completed += outcomes.get("completed", 0)
+        metrics.dropped += outcomes.get("dropped", 0)
+        metrics.failed += outcomes.get("failed", 0)
+        metrics.utility += utility
+        metrics.deadline_met += deadline_met
+        for reason, count in reasons.items():
+            metrics.reasons[reason] = metrics.reasons.get(reason, 0) + count
+        metrics.latencies.extend(latencies)
+        if n:
+            metrics.timeline.append((time.time(), utility / n))
+
+    def state(self) -> dict[str, Any]:
+        """A snapshot for the dashboard, the CLI and tests (plain, msgpack-able values)."""
+        now = time.time()
+        return {
+            "run_id": self.run_id,
+            "policy": self.policy_name,
+            "data_aware": self.data_aware,
+            "workers": self._describe_workers(now),
+            "lost_workers": list(self.lost_workers),
+            "pending": len(self.pending),
+            "hook_errors": self.hook_errors,
+            "decision_ms": list(self.decision_ms)[-256:],
+            "apps": {
+                name: {
+                    "requests": m.requests,
+                    "completed": m.completed,
+                    "dropped": m.dropped,
+                    "failed": m.failed,
+                    "utility": m.utility,
+                    "deadline_met": m.deadline_met,
+                    "reasons": dict(m.reasons),
+                }
+                for name, m in self.metrics.items()
+            },
+        }
+
+    # -- internals ------------------------------------------------------------------------
+    async def _refresh_workers(self) -> None:
+        """Ask worker plugins for their shared-memory node and warm models (network only)."""
+        replies = await self.scheduler.broadcast(
+            msg={"op": "serif_describe"}, workers=list(self.workers), on_error="ignore"
+        )
+        for address, reply in replies.items():
+            state = self.workers.get(address)
+            if state is not None and isinstance(reply, dict):
+                state.host_node = reply.get("node") or state.host_node
+                state.warm = dict.fromkeys(reply.get("warm", []))
+
+    def _describe_workers(self, now: float | None = None) -> list[dict[str, Any]]:
+        now = time.time() if now is None else now
+        return [
+            {
+                "address": s.address,
+                "name": s.name,
+                "role": s.role,
+                "node": s.node,
+                "host_node": s.host_node,
+                "warm": list(s.warm),
+                "backlog": max(0.0, s.busy_until - now),
+                "pending": len(s.pending),
+            }
+            for s in sorted(self.workers.values(), key=lambda s: s.name)
+        ]
+
+    def _worker_view(self, now: float) -> WorkerView:
+        assert self.table is not None
+        table = self.table
+        compute = sorted(
+            (
+                s
+                for s in self.workers.values()
+                if s.role == "compute" and s.node in table.node_names
+            ),
+            key=lambda s: s.name,
+        )
+        warm = np.zeros((len(compute), table.n_models), dtype=bool)
+        index = {name: i for i, name in enumerate(table.names)}
+        for w, s in enumerate(compute):
+            cols = [index[m] for m in s.warm if m in index]
+            warm[w, cols] = True
+        return WorkerView(
+            addresses=tuple(s.address for s in compute),
+            node_index=np.asarray([table.node_names.index(s.node) for s in compute], dtype=int),
+            host_node=tuple(s.host_node for s in compute),
+            backlog=np.asarray([max(0.0, s.busy_until - now) for s in compute], dtype=float),
+            warm=warm,
+        )
+
+    def _commit(
+        self, app: str, tick: int, problem: Any, plan: Plan, view: WorkerView
+    ) -> list[dict[str, Any]]:
+        """Group a plan into one batch per (worker, model) and book the work it adds."""
+        model = np.asarray(plan.model)
+        worker = np.asarray(plan.worker)
+        priority = np.asarray(plan.priority, dtype=float)
+        served = np.flatnonzero(model != DROP)
+        batches: list[dict[str, Any]] = []
+        if served.size == 0:
+            return batches
+        pairs = model[served] * len(view.addresses) + worker[served]
+        order = np.argsort(pairs, kind="stable")
+        pairs_sorted = pairs[order]
+        bounds = np.flatnonzero(np.diff(pairs_sorted)) + 1
+        assert self.table is not None
+        for chunk in np.split(served[order], bounds):
+            m, w = int(model[chunk[0]]), int(worker[chunk[0]])
+            state = self.workers.get(view.addresses[w])
+            model_name = self.table.names[m].split("/", 1)[1]
+            key = f"serif-score-{self.run_id}-{app}-{tick}-{m}-{w}"
+            cold = not view.warm[w, m]
+            duration = (
+                (problem.switch[m, w] if cold else 0.0)
+                + float(problem.retrieval[chunk, m, w].max())
+                + len(chunk) * problem.infer[m, w]
+            )
+            if state is not None:
+                state.busy_until = max(state.busy_until, problem.now) + float(duration)
+                state.pending.add(key)
+                state.warm[self.table.names[m]] = None
+                self.pending[key] = state.address
+            batches.append(
+                {
+                    "key": key,
+                    "worker": view.addresses[w],
+                    "model": model_name,
+                    "groups": problem.group[chunk].tolist(),
+                    "priority": float(priority[chunk].max()),
+                    "estimate_s": float(duration),
+                }
+            )
+        return batches
+
+
+def install(dask_scheduler: Scheduler) -> None:
+    """Install the plugin once; safe to call again (``client.run_on_scheduler(install)``)."""
+    if SerifSchedulerPlugin.name not in dask_scheduler.plugins:
+        SerifSchedulerPlugin(dask_scheduler)
+
+
+def dask_setup(scheduler: Scheduler) -> None:
+    """Entry point for ``dask scheduler --preload serif_dask.scheduler``."""
+    install(scheduler)

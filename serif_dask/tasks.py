@@ -1,0 +1,201 @@
+"""The functions a tick graph runs on workers: read, fit, peek and score.
+
+They are module-level functions so Dask pickles them by reference. Each returns small
+plain objects: samples stay on the node that read them (see :mod:`serif_dask.inputs`),
+and only labels, class scores, predictions and timings travel through Dask.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from serif_dask.config import Application, SerifConfig
+from serif_dask.worker import current_plugin
+
+logger = logging.getLogger("serif_dask.tasks")
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    """One (server, modality) read of a tick: who holds the samples, and the labels."""
+
+    app: str
+    modality: str
+    server: str
+    tick: int
+    worker: str  # address of the data worker holding the samples
+    node: str  # its shared-memory node
+    groups: np.ndarray  # int (n,)
+    labels: np.ndarray  # int (n,), -1 unknown
+    errors: dict[int, str] = field(default_factory=dict)  # group -> reason
+    input_key: str | None = None  # where the samples are kept, when they were read
+
+
+def _app(config: SerifConfig, name: str) -> Application:
+    for app in config.apps:
+        if app.name == name:
+            return app
+    raise KeyError(name)
+
+
+def _reader(plugin: Any, config: SerifConfig, app: str, modality: str, server: str) -> Any:
+    from serif_dask.readers import get_reader
+
+    key = (app, modality, server)
+    reader = plugin.readers.get(key)
+    if reader is None:
+        server_cfg = next((s for s in config.data.servers if s.name == server), None)
+        reader = get_reader(
+            config.modality(modality), _app(config, app), server_cfg,
+            plugin.seed,
+        )
+        plugin.readers[key] = reader
+    return reader
+
+
+def _call_reader(reader: Any, groups: np.ndarray, tick: int, with_samples: bool):
+    """Read through the reader contract; per-group failures come back in ``errors``."""
+    if not with_samples and hasattr(reader, "labels"):
+        return None, np.asarray(reader.labels(groups, tick), dtype=np.int64), {}
+    try:
+        out = reader.read(groups, tick)
+    except Exception as exc:  # a reader-wide failure fails its groups, not the tick
+        reason = _reason(exc)
+        return None, np.full(len(groups), -1, dtype=np.int64), {int(g): reason for g in groups}
+    errors = {int(g): str(r) for g, r in out.errors.items()}
+    return (out.samples if with_samples else None), np.asarray(out.labels, np.int64), errors
+
+
+def _reason(exc: BaseException) -> str:
+    return f"reader-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+def read_task(
+    run_id: str, app: str, modality: str, server: str, groups: list[int], tick: int,
+    keep_samples: bool,
+) -> ReadResult:
+    """Read one sample per group; keep the samples on this node when someone needs them."""
+    plugin = current_plugin()
+    config = plugin.ensure_run(run_id)
+    reader = _reader(plugin, config, app, modality, server)
+    group_arr = np.asarray(groups, dtype=np.int64)
+    samples, labels, errors = _call_reader(reader, group_arr, tick, keep_samples)
+    input_key = None
+    if keep_samples and samples is not None:
+        bad = ~np.all(np.isfinite(samples.reshape(len(group_arr), -1)), axis=1)
+        for g in group_arr[bad]:
+            errors.setdefault(int(g), "bad-input: sample holds NaN or inf")
+        input_key = plugin.inputs.put((run_id, app, modality, server, tick), samples)
+    return ReadResult(
+        app=app, modality=modality, server=server, tick=tick,
+        worker=plugin.worker.address if plugin.worker else "", node=plugin.node,
+        groups=group_arr, labels=labels, errors=errors, input_key=input_key,
+    )
+
+
+def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) -> Any:
+    """Fit the application's SneakPeek estimator on the reader's labelled calibration data."""
+    from serif_dask import sneakpeek
+
+    plugin = current_plugin()
+    config = plugin.ensure_run(run_id)
+    app_cfg = _app(config, app)
+    prior = np.asarray(app_cfg.prior, dtype=float)
+    settings = app_cfg.sneakpeek
+    if settings.impl:
+        estimator = sneakpeek.load_estimator(settings.impl, prior)
+    else:
+        estimator = sneakpeek.NearestMeanEstimator(prior)
+    try:
+        samples, labels = _reader(plugin, config, app, modality, server).calibration(n)
+        estimator.fit(samples, labels)
+    except Exception as exc:
+        logger.warning("serif: SneakPeek for %s falls back to the prior: %s", app, exc)
+        return sneakpeek.PriorEstimator(prior)
+    return estimator
+
+
+def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
+    """Class scores for every group read, from the samples kept on this node."""
+    plugin = current_plugin()
+    samples = plugin.inputs.get(read.input_key) if read.input_key else None
+    ok = np.asarray([int(g) not in read.errors for g in read.groups], dtype=bool)
+    scores = np.full((len(read.groups), k), np.nan)
+    if samples is not None and ok.any():
+        scores[ok] = estimator.scores(samples[ok])
+    return {"groups": read.groups, "scores": scores, "ok": ok}
+
+
+def score_task(
+    run_id: str, app: str, model: str, groups: list[int], reads: list[ReadResult],
+    tick: int,
+) -> dict[str, Any]:
+    """Run one model over its batch of groups on this (GPU) worker, in profile mode or real."""
+    from serif_dask.models.profile import ProfileModel
+
+    plugin = current_plugin()
+    config = plugin.ensure_run(run_id)
+    app_cfg = _app(config, app)
+    profile = next(p for p in app_cfg.model_profiles if p.name == model)
+    worker_name = str(plugin.worker.name) if plugin.worker else ""
+    group_arr = np.asarray(groups, dtype=np.int64)
+    started = time.time()
+
+    labels = np.full(len(group_arr), -1, dtype=np.int64)
+    errors: dict[int, str] = {}
+    remote = False
+    for read in reads:
+        pos = np.searchsorted(read.groups, group_arr)
+        pos = np.minimum(pos, max(len(read.groups) - 1, 0))
+        hit = (read.groups[pos] == group_arr) if len(read.groups) else np.zeros(0, bool)
+        labels[hit] = read.labels[pos[hit]]
+        remote |= bool(hit.any()) and read.node != plugin.node
+        for g in group_arr[hit]:
+            if int(g) in read.errors:
+                errors[int(g)] = read.errors[int(g)]
+
+    latency = profile.latencies.get(worker_name)
+    if latency is None:
+        raise RuntimeError(f"serif: model {model} has no latency profile for node {worker_name}")
+    t_infer, t_switch = latency
+    cache_name = f"{app}/{model}"
+    delay = 0.0
+    if cache_name not in plugin.models:
+        delay += t_switch
+    if remote:
+        delay += config.modality(profile.modality).retrieval_latencies.get(worker_name, 0.0)
+    ok = np.asarray([int(g) not in errors for g in group_arr], dtype=bool)
+    delay += t_infer * int(ok.sum())
+    if delay > 0:
+        time.sleep(delay)
+    if cache_name not in plugin.models:
+        plugin.models.put(cache_name, "profile", 0)
+        plugin.report_warm()
+    else:
+        plugin.models.get(cache_name)
+
+    app_index = [a.name for a in config.apps].index(app)
+    model_index = [p.name for p in app_cfg.model_profiles].index(model)
+    simulator = ProfileModel(
+        np.asarray(profile.cmat, dtype=float), np.asarray(app_cfg.prior, dtype=float),
+        stream=app_index * 1009 + model_index,
+    )
+    pred = simulator.predict(labels, group_arr, tick, plugin.seed)
+    pred[~ok] = -1
+    finished = time.time()
+    return {
+        "groups": group_arr,
+        "pred": pred,
+        "labels": labels,
+        "ok": ok,
+        "errors": errors,
+        "start": started,
+        "finish": finished,
+        "worker": worker_name,
+        "model": model,
+    }

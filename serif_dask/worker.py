@@ -1,0 +1,184 @@
+"""The worker side of serif-dask: the run's config, readers and the warm-model cache.
+
+Install ahead of time with ``dask worker --preload serif_dask.worker``, or let
+:class:`serif_dask.Serif` register it from a client. Tasks reach it through
+:func:`current_plugin`; the config is pulled from the scheduler plugin on first use of a run,
+so workers that join late, or restart, need no extra step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from distributed import get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+from distributed.protocol.pickle import loads
+from distributed.utils import sync
+from distributed.worker import Worker
+
+from serif_dask.config import SerifConfig
+
+logger = logging.getLogger("serif_dask.worker")
+
+
+def node_name() -> str:
+    """The shared-memory node this process belongs to: ``$SERIF_NODE`` or the host name."""
+    return os.environ.get("SERIF_NODE") or socket.gethostname()
+
+
+class ModelCache:
+    """An LRU of loaded models bounded by bytes (``model-cache-bytes``; None = unbounded)."""
+
+    def __init__(self, capacity_bytes: int | None = None):
+        self.capacity = capacity_bytes
+        self._entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.evictions = 0
+
+    def get(self, name: str) -> Any | None:
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        self._entries.move_to_end(name)
+        return entry[0]
+
+    def put(self, name: str, model: Any, nbytes: int) -> None:
+        self._entries[name] = (model, nbytes)
+        self._entries.move_to_end(name)
+        if self.capacity is None:
+            return
+        while len(self._entries) > 1 and self.nbytes > self.capacity:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def discard(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(size for _, size in self._entries.values())
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+class LocalInputs:
+    """Samples kept in this worker's memory for its own peek tasks (last ``capacity`` reads)."""
+
+    def __init__(self, capacity: int = 64):
+        self.capacity = capacity
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, ident: tuple, samples: Any) -> str:
+        key = "-".join(map(str, ident))
+        with self._lock:
+            self._items[key] = samples
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        return key
+
+    def get(self, key: str) -> Any | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class SerifWorkerPlugin(WorkerPlugin):
+    """Per-worker serif state: config of the current run, readers and warm models."""
+
+    name = "serif"
+    idempotent = True
+
+    def __init__(self) -> None:
+        self.worker: Worker | None = None
+        self.node = node_name()
+        self.run_id: str | None = None
+        self.config: SerifConfig | None = None
+        self.readers: dict[tuple[str, str, str], Any] = {}
+        self.models = ModelCache()
+        self.inputs = LocalInputs()
+        self.seed = 0
+        self.lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}  # sent to workers empty; all state is built there
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def setup(self, worker: Worker) -> None:
+        self.worker = worker
+        worker.handlers["serif_describe"] = self.describe
+
+    def teardown(self, worker: Worker) -> None:
+        worker.handlers.pop("serif_describe", None)
+        self.readers.clear()
+        self.inputs.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {"node": self.node, "warm": self.models.names(), "run_id": self.run_id}
+
+    # -- called from task threads -------------------------------------------------------
+    def ensure_run(self, run_id: str) -> SerifConfig:
+        """Return the config of ``run_id``, pulling it from the scheduler on first use."""
+        with self.lock:
+            if self.run_id == run_id and self.config is not None:
+                return self.config
+            assert self.worker is not None
+            reply = sync(self.worker.loop, self.worker.scheduler.serif_get_config, run_id=run_id)
+            if reply.get("config") is None:
+                raise RuntimeError(f"serif: run {run_id} is not configured on the scheduler")
+            config: SerifConfig = loads(reply["config"])
+            self.config, self.run_id = config, run_id
+            self.seed = int(reply["seed"])
+            self.readers.clear()
+            self.inputs.clear()
+            capacity = None
+            for node in config.system.compute_nodes:
+                if node.name == str(self.worker.name):
+                    capacity = node.model_cache_bytes
+            self.models = ModelCache(capacity)
+            return config
+
+    def report_warm(self) -> None:
+        """Tell the scheduler plugin which models are warm here (fire and forget)."""
+        worker = self.worker
+        if worker is None:
+            return
+        warm = self.models.names()
+
+        async def _send() -> None:
+            try:
+                await worker.scheduler.serif_warm(worker=worker.address, node=self.node, warm=warm)
+            except Exception:  # the scheduler may be gone at shutdown
+                logger.debug("serif: could not report warm models", exc_info=True)
+
+        worker.loop.add_callback(_send)
+
+
+def current_plugin() -> SerifWorkerPlugin:
+    """The serif plugin of the worker running the current task (installed if missing)."""
+    worker = get_worker()
+    plugin = worker.plugins.get(SerifWorkerPlugin.name)
+    if plugin is None:
+        raise RuntimeError(
+            "serif: the worker plugin is not installed on this worker; start workers with "
+            "--preload serif_dask.worker or use serif_dask.Serif(client, config)"
+        )
+    return plugin  # type: ignore[return-value]
+
+
+async def dask_setup(worker: Worker) -> None:
+    """Entry point for ``dask worker --preload serif_dask.worker``."""
+    await worker.plugin_add(SerifWorkerPlugin(), name=SerifWorkerPlugin.name)
