@@ -28,7 +28,7 @@ from serif_dask.utility import timeliness
 #: merged into this many consecutive chunks of the EDF order.
 MAX_COHORTS = 8
 #: Rounds of the "best realised utility" fallback before the rest is dropped.
-MAX_FALLBACK_ROUNDS = 16
+MAX_FALLBACK_ROUNDS = 32
 
 
 def deadlines(problem: PlanProblem) -> np.ndarray:
@@ -231,13 +231,17 @@ class Planner:
     def _meets(self, idx, m, w, finish) -> np.ndarray:
         return finish <= self.deadline[idx] + 1e-9
 
-    def best_effort(self, idx: np.ndarray) -> np.ndarray:
+    def best_effort(self, idx: np.ndarray, price: float = 0.0) -> np.ndarray:
         """Serve what can still earn more than a drop; drop the rest (the fallback).
 
         Each round prices appending every pending request to every open (model, worker),
         takes each request's best model and list-schedules per model, keeping only requests
         whose expected realised utility beats ``miss_utility``. Returns dropped indices.
+        With a ``price`` (utility per pooled second), a request weighs each model's utility
+        against the cluster time it uses instead of grabbing the best first slot.
         """
+        rate = np.where(self.feasible, 1.0 / self.infer, 0.0).sum(axis=1)
+        cost = np.divide(1.0, rate, out=np.full(rate.shape, np.inf), where=rate > 0)
         pending = idx
         for _ in range(MAX_FALLBACK_ROUNDS):
             if pending.size == 0:
@@ -251,9 +255,10 @@ class Planner:
             ok = open_[None] & np.isfinite(eu)[:, :, None]
             u = np.where(ok, f * np.where(np.isfinite(eu), eu, 0.0)[:, :, None], -np.inf)
             best_m = u.max(axis=2)  # (n, M)
-            m_choice = best_m.argmax(axis=1)
-            best = best_m[np.arange(pending.size), m_choice]
-            hopeful = best > self.miss[pending]
+            earns = best_m > self.miss[pending, None]
+            hopeful = earns.any(axis=1)
+            net = np.where(earns, best_m - price * np.where(np.isfinite(cost), cost, 0.0), -np.inf)
+            m_choice = net.argmax(axis=1)
             if not hopeful.any():
                 break
             placed_any = False
