@@ -1,0 +1,189 @@
+"""Readers: synthetic class signal and label dynamics; .npy/.wav/.csv files; failures."""
+
+from __future__ import annotations
+
+import pickle
+import time
+import types
+
+import numpy as np
+import pytest
+from serif_dask.readers import (
+    NoCalibrationData,
+    Reader,
+    ReaderError,
+    get_reader,
+    register_reader,
+)
+from serif_dask.readers.files import CsvReader, NpyReader, WavReader
+from serif_dask.readers.synthetic import SyntheticReader, coarse_grid
+
+
+def make_app(prior=(0.5, 0.5), name="app"):
+    return types.SimpleNamespace(name=name, prior=tuple(prior))
+
+
+def make_modality(shape, name="sensor", synthetic=True, snr=1.0, persistence=0.9, impl=None):
+    return types.SimpleNamespace(
+        name=name,
+        use_synthetic_data=synthetic,
+        synthetic_shape=None if shape is None else tuple(shape),
+        impl=impl,
+        synthetic_snr=snr,
+        label_persistence=persistence,
+    )
+
+
+def make_server(modality, paths, name="srv"):
+    return types.SimpleNamespace(name=name, streams={modality: dict(enumerate(paths))})
+
+
+# ================================================================== synthetic
+def test_synthetic_read_contract():
+    r = get_reader(make_modality([9, 200]), make_app(), None, seed=0)
+    assert isinstance(r, SyntheticReader)
+    res = r.read(np.array([0, 5, 9]), tick=3)
+    assert res.samples.shape == (3, 9, 200) and res.samples.dtype == np.float32
+    assert res.labels.dtype == np.int64 and res.labels.shape == (3,)
+    assert res.ok.all() and res.errors == {}
+    empty = r.read(np.array([], dtype=np.int64), tick=3)
+    assert empty.samples.shape == (0, 9, 200)
+
+
+def test_synthetic_deterministic_by_seed_and_batch_independent():
+    m, app = make_modality([9, 200]), make_app()
+    a = get_reader(m, app, None, seed=7).read(np.arange(10), 4)
+    b = get_reader(m, app, None, seed=7).read(np.array([9, 3]), 4)
+    np.testing.assert_array_equal(a.samples[[9, 3]], b.samples)
+    np.testing.assert_array_equal(a.labels[[9, 3]], b.labels)
+    c = get_reader(m, app, None, seed=8).read(np.arange(10), 4)
+    assert not np.array_equal(a.samples, c.samples)
+    # Different ticks give different samples; pickling keeps the stream.
+    r = get_reader(m, app, None, seed=7)
+    assert not np.array_equal(r.read(np.arange(10), 5).samples, a.samples)
+    np.testing.assert_array_equal(
+        pickle.loads(pickle.dumps(r)).read(np.arange(10), 4).samples, a.samples
+    )
+
+
+def test_labels_shared_across_modalities_and_query_order():
+    app = make_app((0.7, 0.2, 0.1))
+    sensor = get_reader(make_modality([9, 200]), app, None, seed=1)
+    audio = get_reader(make_modality([16000], name="audio", snr=2.0), app, None, seed=1)
+    groups = np.arange(200)
+    forward = np.stack([sensor.labels(groups, t) for t in range(60)])
+    backward = np.stack([audio.labels(groups, t) for t in reversed(range(60))])[::-1]
+    np.testing.assert_array_equal(forward, backward)
+    np.testing.assert_array_equal(audio.read(groups, 17).labels, forward[17])
+    # Another application has its own conditions.
+    other = get_reader(make_modality([9, 200]), make_app((0.7, 0.2, 0.1), name="b"), None, 1)
+    assert not np.array_equal(other.labels(groups, 17), forward[17])
+
+
+@pytest.mark.parametrize("persistence", [0.0, 0.8, 0.95])
+def test_labels_persist_and_follow_the_prior(persistence):
+    prior = np.array([0.7, 0.2, 0.1])
+    r = get_reader(make_modality([9, 200], persistence=persistence), make_app(prior), None, 5)
+    groups = np.arange(400)
+    labels = np.stack([r.labels(groups, t) for t in range(100)])  # (T, G)
+    freq = np.bincount(labels.ravel(), minlength=3) / labels.size
+    np.testing.assert_allclose(freq, prior, atol=0.03)
+    same = np.mean(labels[1:] == labels[:-1])
+    expected = persistence + (1 - persistence) * np.sum(prior**2)
+    assert same == pytest.approx(expected, abs=0.02)
+
+
+def test_labels_at_large_ticks_are_cheap_and_stable():
+    r = get_reader(make_modality([9, 200], persistence=0.99), make_app(), None, 0)
+    groups = np.arange(1000)
+    t0 = time.perf_counter()
+    late = r.labels(groups, 10**6)
+    assert time.perf_counter() - t0 < 2.0
+    np.testing.assert_array_equal(late, r.labels(groups, 10**6))
+    always = get_reader(make_modality([4], persistence=1.0), make_app(), None, 0)
+    np.testing.assert_array_equal(always.labels(groups, 0), always.labels(groups, 50))
+
+
+def test_synthetic_class_signal_matches_snr():
+    # Class means sit snr·√2 apart in units of the nuisance: project on the true direction.
+    r = get_reader(make_modality([9, 200], snr=2.0), make_app(), None, 0)
+    x, y = r.calibration(2000)
+    q = r.patterns.astype(np.float64) / r.snr  # orthonormal on the coarse grid
+    np.testing.assert_allclose(q @ q.T, np.eye(2), atol=1e-6)
+    cells = x.reshape(len(x), 3, 3, 4, 50).mean(axis=(2, 4)).reshape(len(x), -1)
+    d = (q[1] - q[0]) / np.sqrt(2)
+    proj = cells @ d
+    gap = proj[y == 1].mean() - proj[y == 0].mean()
+    assert gap == pytest.approx(2.0 * np.sqrt(2), rel=0.1)
+    assert proj[y == 0].std() == pytest.approx(1.0, rel=0.1)
+
+
+def test_calibration_is_chunkable_and_covers_every_class():
+    r = get_reader(make_modality([9, 200]), make_app((0.95, 0.05)), None, 0)
+    x, y = r.calibration(40)
+    x2, y2 = r.calibration(20, start=20)
+    np.testing.assert_array_equal(x[20:], x2)
+    np.testing.assert_array_equal(y[20:], y2)
+    assert 0.2 < y.mean() < 0.35  # rare class over-represented: half prior, half uniform
+
+
+def test_coarse_grid():
+    assert coarse_grid((9, 200), 2) == (3, 4)
+    assert coarse_grid((3, 16, 320, 568), 2) == (3, 4, 4, 4)
+    assert coarse_grid((7,), 5) == (7,)
+    with pytest.raises(ReaderError):
+        coarse_grid((2,), 3)
+
+
+def test_synthetic_video_is_cheap():
+    r = get_reader(make_modality([3, 16, 320, 568], name="video"), make_app(), None, 0)
+    r.read(np.array([0]), 0)  # draws the noise block
+    t0 = time.perf_counter()
+    res = r.read(np.arange(4), 1)
+    per_group = (time.perf_counter() - t0) / 4
+    assert res.samples.shape == (4, 3, 16, 320, 568)
+    assert per_group < 0.1  # ~8 ms on an idle core
+
+
+def test_synthetic_needs_a_shape():
+    with pytest.raises(ReaderError, match="synthetic-shape"):
+        get_reader(make_modality(None), make_app(), None, 0)
+
+
+# ================================================================== registry
+class EchoReader(Reader):
+    def read(self, groups, tick):
+        from serif_dask.readers import ReadResult
+
+        n = len(groups)
+        samples = np.full((n, 2), tick, np.float32)
+        return ReadResult(samples, np.full(n, -1), np.ones(n, bool), {})
+
+    def calibration(self, n, start=0):
+        raise NoCalibrationData("echo has no labels")
+
+
+def test_get_reader_impl_and_registry(tmp_path):
+    app = make_app()
+    r = get_reader(make_modality([2], impl=f"{__name__}:EchoReader"), app, None, 0)
+    assert isinstance(r, EchoReader)
+    np.testing.assert_array_equal(r.read([1, 2], 3).samples, np.full((2, 2), 3.0))
+    with pytest.raises(ReaderError, match="cannot import"):
+        get_reader(make_modality([2], impl="nope_mod:Nope"), app, None, 0)
+    register_reader(".echo", EchoReader)
+    m = make_modality([2], synthetic=False)
+    assert isinstance(get_reader(m, app, make_server("sensor", ["a.echo"]), 0), EchoReader)
+
+
+def test_get_reader_by_extension_and_clear_errors():
+    app = make_app()
+    m = make_modality([4], synthetic=False)
+    assert isinstance(get_reader(m, app, make_server("sensor", ["a.npy"]), 0), NpyReader)
+    assert isinstance(get_reader(m, app, make_server("sensor", ["a.WAV"]), 0), WavReader)
+    assert isinstance(get_reader(m, app, make_server("sensor", ["a.csv"]), 0), CsvReader)
+    with pytest.raises(ReaderError, match=r"no reader for '\.mp4'"):
+        get_reader(m, app, make_server("sensor", ["fall.mp4"]), 0)
+    with pytest.raises(ReaderError, match="mix file types"):
+        get_reader(m, app, make_server("sensor", ["a.npy", "b.csv"]), 0)
+    with pytest.raises(ReaderError, match="no streams"):
+        get_reader(m, app, None, 0)
