@@ -27,8 +27,11 @@ from serif_dask.utility import timeliness
 #: At most this many cohorts are planned one after another; more distinct deadlines are
 #: merged into this many consecutive chunks of the EDF order.
 MAX_COHORTS = 8
+#: Serving a request must be expected to earn at least this much more than dropping it; a
+#: sliver of utility is not worth a GPU slot (and chasing slivers costs planning rounds).
+MIN_GAIN = 1e-3
 #: Rounds of the "best realised utility" fallback before the rest is dropped.
-MAX_FALLBACK_ROUNDS = 32
+MAX_FALLBACK_ROUNDS = 100000
 
 
 def deadlines(problem: PlanProblem) -> np.ndarray:
@@ -255,18 +258,27 @@ class Planner:
             ok = open_[None] & np.isfinite(eu)[:, :, None]
             u = np.where(ok, f * np.where(np.isfinite(eu), eu, 0.0)[:, :, None], -np.inf)
             best_m = u.max(axis=2)  # (n, M)
-            earns = best_m > self.miss[pending, None]
+            earns = best_m > self.miss[pending, None] + MIN_GAIN
             hopeful = earns.any(axis=1)
             net = np.where(earns, best_m - price * np.where(np.isfinite(cost), cost, 0.0), -np.inf)
             m_choice = net.argmax(axis=1)
+            w_choice = u[np.arange(pending.size), m_choice].argmax(axis=1)
             if not hopeful.any():
                 break
             placed_any = False
-            cand = pending[hopeful]
-            mc = m_choice[hopeful]
+            cand, mc, wc = pending[hopeful], m_choice[hopeful], w_choice[hopeful]
             for m in np.unique(mc):
-                sel = cand[mc == m]
-                placed = self.place(sel, self.model_worker_rows(int(m)), self._earns)
+                sel = mc == m
+                placed = self.place(cand[sel], self.model_worker_rows(int(m)), self._earns)
+                if not placed.any():
+                    # List scheduling ignores where inputs lie; the worker each request
+                    # priced best surely takes at least its first request.
+                    for w in np.unique(wc[sel]):
+                        row = np.full(self.infer.shape[1], -1)
+                        row[w] = m
+                        on_w = cand[sel & (wc == w)]
+                        placed = self.place(on_w, row, self._earns)
+                        placed_any |= bool(placed.any())
                 placed_any |= bool(placed.any())
             still = self.model[pending] == DROP
             pending = pending[still & hopeful]
@@ -275,7 +287,7 @@ class Planner:
         return pending
 
     def _earns(self, idx, m, w, finish) -> np.ndarray:
-        return self.value(idx, m, finish) > self.miss[idx]
+        return self.value(idx, m, finish) > self.miss[idx] + MIN_GAIN
 
     def plan(self, priority: np.ndarray) -> Plan:
         return Plan(
