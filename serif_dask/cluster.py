@@ -37,24 +37,54 @@ def worker_specs(config: SerifConfig) -> dict[str, dict[str, Any]]:
     return specs
 
 
-async def start_local_cluster(
-    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: int | bool = 40
+def _new_cluster(
+    config: SerifConfig, asynchronous: bool, dashboard_address: str | None, silence_logs: Any
 ) -> LocalCluster:
-    """Start (asynchronously) a LocalCluster with exactly the config's workers."""
-    cluster = await LocalCluster(
+    cluster = LocalCluster(
         n_workers=0,
         processes=True,
         threads_per_worker=1,
         dashboard_address=dashboard_address or ":0",
-        asynchronous=True,
+        asynchronous=asynchronous,
         silence_logs=silence_logs,
         memory_limit=None,
         scheduler_kwargs={"preload": ["serif_dask.scheduler"]},
     )
+    return cluster
+
+
+def _add_workers(cluster: LocalCluster, config: SerifConfig) -> None:
     base = dict(cluster.new_spec["options"])
     for name, spec in worker_specs(config).items():
         options = {**base, **spec, "preload": ["serif_dask.worker"]}
         cluster.worker_spec[name] = {"cls": Nanny, "options": options}
-    await cluster._correct_state()
-    await cluster.wait_for_workers(len(cluster.worker_spec))
+
+
+def local_cluster(
+    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40
+) -> LocalCluster:
+    """A LocalCluster with exactly the config's workers, for ``Client(local_cluster(cfg))``."""
+    cluster = _new_cluster(config, False, dashboard_address, silence_logs)
+    try:
+        _add_workers(cluster, config)
+        cluster.sync(cluster._correct_state)
+        cluster.wait_for_workers(len(cluster.worker_spec), timeout=120)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
+
+
+async def start_local_cluster(
+    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40
+) -> LocalCluster:
+    """The asynchronous form of :func:`local_cluster`."""
+    cluster = await _new_cluster(config, True, dashboard_address, silence_logs)
+    try:
+        _add_workers(cluster, config)
+        await cluster._correct_state()
+        await cluster.wait_for_workers(len(cluster.worker_spec), timeout=120)
+    except BaseException:
+        await cluster.close()
+        raise
     return cluster

@@ -173,8 +173,11 @@ class Driver:
         groups = np.arange(self.config.data.num_groups, dtype=np.int64)
         pending = np.ones(groups.size, dtype=bool)  # not yet recorded
 
+        recorded: list[Chunk] = []
+
         def record(chunk: Chunk) -> None:
             pending[chunk.group] = False
+            recorded.append(chunk)
             self.log.add(chunk)
             if self.options.on_records is not None:
                 self.options.on_records(list(chunk.rows()))
@@ -202,6 +205,32 @@ class Driver:
             fail(groups, "unaccounted")  # nothing recorded yet is failed, never lost
             for fut in futures:
                 fut.release()
+            if not self.scheduler_lost:
+                await self._report(app, recorded)
+
+    async def _report(self, app: Application, chunks: list[Chunk]) -> None:
+        """Send one tick's outcomes to the scheduler plugin, for live metrics."""
+        outcomes: dict[str, int] = {}
+        reasons: dict[str, int] = {}
+        for c in chunks:
+            outcomes[c.outcome] = outcomes.get(c.outcome, 0) + len(c)
+            for r in c.reason:
+                if r:
+                    key = r.split(":", 1)[0]
+                    reasons[key] = reasons.get(key, 0) + 1
+        done = [c for c in chunks if c.outcome == "completed"]
+        try:
+            await asyncio.wait_for(
+                self.client.scheduler.serif_report(
+                    app=app.name, outcomes=outcomes, reasons=reasons,
+                    utility=float(sum(c.utility.sum() for c in chunks)),
+                    deadline_met=int(sum(c.deadline_met.sum() for c in done)),
+                    latencies=[float(x) for c in done for x in c.latency],
+                ),
+                timeout=10,
+            )
+        except Exception:
+            logger.debug("serif: could not report tick metrics", exc_info=True)
 
     async def _tick_body(
         self, app: Application, tick: int, arrival: float, groups: np.ndarray,

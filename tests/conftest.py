@@ -68,13 +68,23 @@ def _helper(proc: psutil.Process) -> bool:
 def no_leftovers():
     """Every test must leave no child process and no serif shared-memory segment."""
     before = serif_segments()
-    yield
     me = psutil.Process()
-    children = [c for c in me.children(recursive=True) if c.is_running() and not _helper(c)]
-    for child in children:  # reap whatever a failed test left, then complain
+    existing = {c.pid for c in me.children(recursive=True)}  # e.g. a module-scoped cluster
+    yield
+    children = [
+        c for c in me.children(recursive=True)
+        if c.pid not in existing and c.is_running() and not _helper(c)
+    ]
+    alive = [c for c in children if _alive(c)]
+    for child in alive:  # reap whatever a failed test left, then complain
         child.kill()
     leaked = serif_segments() - before
     assert not leaked, f"shared-memory segments left behind: {sorted(leaked)}"
-    assert not [c for c in children if c.status() != psutil.STATUS_ZOMBIE], (
-        f"processes left behind: {[c.cmdline() for c in children]}"
-    )
+    assert not alive, f"processes left behind: {[c.pid for c in alive]}"
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
