@@ -1,0 +1,456 @@
+"""Node-local shared-memory input cache: read tasks write a sample once, score tasks on
+the same node read it zero-copy.
+
+One segment per (run, node, modality) holds ``entries`` slots of ``entry_size`` bytes.
+Dask's own worker-to-worker transfer serialises, sends over a socket and deserialises
+every input; on one node a memcpy into shared memory is enough.  Slots are reused
+round-robin and never re-allocated, because the first write into fresh shared pages
+costs several times a memcpy (page faults).
+
+Layout (little-endian)::
+
+    [segment header 128 B][slot headers, 128 B each] ... page-aligned payloads
+
+A slot header carries a generation counter used as a seqlock: odd while the owner is
+writing, even when done.  A :class:`SlotRef` remembers the generation it was written
+with, so a reader can tell when the slot was reused under it (:class:`StaleSlot`) and
+fall back instead of scoring another group's data.
+
+Lifetime: one writer process owns a segment and unlinks it on ``close()`` and at exit;
+segments of dead owners (SIGKILL, OOM) are removed by :func:`remove_stale_segments`.
+Python < 3.13 registers every attached segment with the ``resource_tracker``, which
+unlinks it when *that* process exits, even if it was only a reader; we unregister
+right after creating or attaching, in every process, and do our own cleanup instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import socket
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "InputTooLarge",
+    "SegmentGone",
+    "ShmCache",
+    "SlotRef",
+    "StaleSlot",
+    "node_name",
+    "read",
+    "remove_segments",
+    "remove_stale_segments",
+    "segment_name",
+]
+
+PREFIX = "serif"
+SHM_DIR = Path("/dev/shm")
+PAGE = 4096
+MAX_NDIM = 10
+_MAGIC = b"SERIFSHM"
+_LAYOUT_VERSION = 1
+_HEADER = 128
+_SLOT_HEADER = 128
+# magic, layout version, entries, entry_size, owner pid, owner start time, token,
+# data offset, stride
+_SEG = struct.Struct("<8sIIQQdQQQ")
+# generation, nbytes, ndim, (pad), dtype
+_SLOT = struct.Struct("<QQII16s")
+_SHAPE_OFFSET = _SLOT.size
+_TRACKS = sys.version_info >= (3, 13)  # SharedMemory(track=False) exists
+_OWNERLESS_GRACE_S = 60.0
+
+
+class StaleSlot(RuntimeError):
+    """The slot was reused (or is being rewritten) since the reference was taken."""
+
+
+class SegmentGone(StaleSlot):
+    """The segment no longer exists (owner closed or died); the input is gone."""
+
+
+class InputTooLarge(ValueError):
+    """An input does not fit in one cache slot; never truncated."""
+
+    def __init__(self, modality: str, nbytes: int, entry_size: int) -> None:
+        super().__init__(
+            f"input of modality {modality!r} is {nbytes} bytes but cache-entry-size is "
+            f"{entry_size} bytes; raise cache-entry-size for {modality!r} in data.json"
+        )
+        self.modality = modality
+        self.nbytes = nbytes
+        self.entry_size = entry_size
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """Where an input lives: small, picklable, travels through Dask instead of the data."""
+
+    run_id: str
+    node: str
+    modality: str
+    slot: int
+    generation: int
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    token: int = 0  # segment incarnation: a recreated segment is a different one
+
+
+def node_name() -> str:
+    """The node a worker belongs to: ``$SERIF_NODE``, else the host name."""
+    return os.environ.get("SERIF_NODE") or socket.gethostname()
+
+
+def _clean(part: str, limit: int = 40) -> str:
+    s = re.sub(r"[^A-Za-z0-9.-]", "-", str(part))
+    if len(s) > limit or s != str(part):
+        # keep names unique when sanitising or truncating merged distinct inputs
+        digest = hashlib.sha1(str(part).encode()).hexdigest()[:6]
+        s = f"{s[: limit - 7]}-{digest}"
+    return s or "x"
+
+
+def segment_name(run_id: str, node: str, modality: str) -> str:
+    """``serif_<run>_<node>_<modality>``: a valid, short /dev/shm name."""
+    return "_".join([PREFIX, _clean(run_id), _clean(node), _clean(modality)])
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _process_start_time(pid: int) -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+def _shm_unlink(shm: SharedMemory) -> None:
+    """Unlink without telling the resource_tracker (it was never told about the segment)."""
+    if _TRACKS:
+        shm.unlink()  # created/attached with track=False: no tracker message
+        return
+    import _posixshmem  # the primitive SharedMemory.unlink wraps, minus its unregister
+
+    _posixshmem.shm_unlink(shm._name)  # type: ignore[attr-defined]
+
+
+def _open_shm(name: str, *, create: bool, size: int = 0) -> SharedMemory:
+    if _TRACKS:
+        return SharedMemory(name, create=create, size=size, track=False)  # type: ignore[call-arg]
+    shm = SharedMemory(name, create=create, size=size)
+    # 3.11/3.12 register on create *and* attach; the tracker would unlink the segment
+    # when this process exits, pulling it from under the owner and other readers.
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+    return shm
+
+
+class ShmCache:
+    """A ring of fixed-size slots in one shared-memory segment.
+
+    Build with :meth:`create` (the single writer, which owns and unlinks the segment)
+    or :meth:`attach` (readers).  ``put`` is thread-safe within the owner process.
+    """
+
+    def __init__(self, shm: SharedMemory, run_id: str, node: str, modality: str,
+                 *, owner: bool) -> None:
+        self._shm = shm
+        self.run_id, self.node, self.modality = run_id, node, modality
+        self.name = segment_name(run_id, node, modality)
+        self.owner = owner
+        (magic, version, entries, entry_size, pid, _start, token, data_offset,
+         stride) = _SEG.unpack_from(shm.buf, 0)
+        if magic != _MAGIC or version != _LAYOUT_VERSION:
+            shm.close()
+            raise SegmentGone(f"shared-memory segment {self.name} is not a serif cache")
+        self.entries, self.entry_size, self.owner_pid = entries, entry_size, pid
+        self.token, self._data_offset, self._stride = token, data_offset, stride
+        self._buf: memoryview | None = shm.buf
+        # 8-byte aligned views: loads and stores of a generation are single instructions
+        # np.frombuffer pins the mapping (np.ndarray(buffer=...) does not), so a view can
+        # never outlive the mmap it points into.
+        words = np.frombuffer(shm.buf, np.uint64, (_HEADER + entries * _SLOT_HEADER) // 8)
+        self._gens = words[_HEADER // 8 :: _SLOT_HEADER // 8]
+        self._next = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def create(cls, run_id: str, node: str, modality: str, entries: int, entry_size: int,
+               *, prefault: bool = True) -> ShmCache:
+        """Create and own the segment for (run, node, modality)."""
+        if entries < 1 or entry_size < 1:
+            raise ValueError("entries and entry_size must be positive")
+        if entries * _SLOT_HEADER + _HEADER > 2**31:
+            raise ValueError("too many entries")
+        remove_stale_segments()
+        name = segment_name(run_id, node, modality)
+        data_offset = _round_up(_HEADER + entries * _SLOT_HEADER, PAGE)
+        stride = _round_up(entry_size, PAGE)
+        size = data_offset + entries * stride
+        try:
+            shm = _open_shm(name, create=True, size=size)
+        except FileExistsError:
+            raise FileExistsError(
+                f"shared-memory segment {name} exists and its owner is alive "
+                f"(run {run_id!r} on node {node!r} has two writers for {modality!r}?)"
+            ) from None
+        try:
+            _reserve(name, size, modality)
+            if prefault:
+                _touch(shm.buf, write=True)  # before the header: this zeroes page starts
+            pid = os.getpid()
+            _SEG.pack_into(shm.buf, 0, _MAGIC, _LAYOUT_VERSION, entries, entry_size, pid,
+                           _process_start_time(pid) or 0.0, secrets.randbits(63),
+                           data_offset, stride)
+            cache = cls(shm, run_id, node, modality, owner=True)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                _shm_unlink(shm)
+            shm.close()
+            raise
+        atexit.register(cache.close)
+        return cache
+
+    @classmethod
+    def attach(cls, run_id: str, node: str, modality: str, *,
+               prefault: bool = True) -> ShmCache:
+        """Attach to an existing segment (sizes come from its header)."""
+        name = segment_name(run_id, node, modality)
+        try:
+            shm = _open_shm(name, create=False)
+        except FileNotFoundError:
+            raise SegmentGone(f"no shared-memory input cache {name} on this node") from None
+        cache = cls(shm, run_id, node, modality, owner=False)
+        if prefault:
+            _touch(shm.buf, write=False)
+        return cache
+
+    # -- data --------------------------------------------------------------------------
+    def _payload(self, slot: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        count = int(np.prod(shape, dtype=np.int64))
+        return np.frombuffer(self._buf, dtype, count,  # type: ignore[arg-type]
+                             self._data_offset + slot * self._stride).reshape(shape)
+
+    def put(self, array: np.ndarray) -> SlotRef:
+        """Copy ``array`` into the next slot; the returned ref travels to readers."""
+        if not self.owner:
+            raise PermissionError("only the process that created the cache writes to it")
+        a = np.asarray(array)
+        if a.dtype.kind not in "biufcmM" or a.dtype.fields is not None:
+            raise TypeError(f"cannot cache dtype {a.dtype} as raw bytes")
+        if a.nbytes > self.entry_size:
+            raise InputTooLarge(self.modality, a.nbytes, self.entry_size)
+        if a.ndim > MAX_NDIM:
+            raise ValueError(f"at most {MAX_NDIM} dimensions")
+        dtype = a.dtype.str
+        with self._lock:
+            self._check_open()
+            slot = self._next
+            self._next = (slot + 1) % self.entries
+            gen = int(self._gens[slot])
+            gen += gen & 1  # a writer that died mid-write left it odd
+            self._gens[slot] = gen + 1  # odd: being written
+            off = _HEADER + slot * _SLOT_HEADER
+            _SLOT.pack_into(self._buf, off, gen + 1, a.nbytes, a.ndim, 0, dtype.encode())
+            struct.pack_into(f"<{a.ndim}Q", self._buf, off + _SHAPE_OFFSET, *a.shape)
+            np.copyto(self._payload(slot, a.shape, a.dtype), a, casting="no")
+            self._gens[slot] = gen + 2  # even: done
+        return SlotRef(self.run_id, self.node, self.modality, slot, gen + 2, a.shape,
+                       dtype, a.nbytes, self.token)
+
+    def valid(self, ref: SlotRef) -> bool:
+        """Whether the slot still holds what ``ref`` points to."""
+        return (not self._closed and ref.token == self.token
+                and 0 <= ref.slot < self.entries
+                and int(self._gens[ref.slot]) == ref.generation)
+
+    def check(self, ref: SlotRef) -> None:
+        """Raise :class:`StaleSlot` unless ``ref`` is still valid (call after using a view)."""
+        if not self.valid(ref):
+            raise StaleSlot(f"{self.name} slot {ref.slot} was reused since generation "
+                            f"{ref.generation}")
+
+    def get(self, ref: SlotRef, copy: bool = False) -> np.ndarray:
+        """The input ``ref`` names: a read-only zero-copy view, or a private copy.
+
+        A view stays valid only until the writer wraps around to its slot; check with
+        :meth:`valid`/:meth:`check` after using it.  A copy is checked after copying.
+        """
+        self._check_open()
+        if (ref.run_id, ref.node, ref.modality) != (self.run_id, self.node, self.modality):
+            raise ValueError(f"{ref} does not belong to cache {self.name}")
+        if ref.token != self.token:
+            raise SegmentGone(f"{self.name} was recreated since {ref} was written")
+        self.check(ref)
+        view = self._payload(ref.slot, tuple(ref.shape), np.dtype(ref.dtype))
+        if copy:
+            out = view.copy()
+            self.check(ref)
+            return out
+        view.flags.writeable = False
+        return view
+
+    # -- lifetime ----------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SegmentGone(f"cache {self.name} is closed")
+
+    def close(self) -> None:
+        """Detach; the owner also unlinks the segment.  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.close)
+        if self.owner:
+            with contextlib.suppress(FileNotFoundError):
+                _shm_unlink(self._shm)
+        self._gens = np.zeros(0, np.uint64)
+        self._buf = None
+        try:
+            self._shm.close()
+        except BufferError:
+            # A caller still holds a zero-copy view, which pins the mmap: hand the mmap
+            # over to the views (it unmaps when the last one goes) and close the rest.
+            self._shm._mmap = None  # type: ignore[attr-defined]
+            self._shm.close()
+
+    def __enter__(self) -> ShmCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        role = "owner" if self.owner else "reader"
+        return f"<ShmCache {self.name} {self.entries}x{self.entry_size}B {role}>"
+
+
+def _touch(buf: memoryview, *, write: bool) -> None:
+    """Fault every page in now, so that the first put/get runs at memcpy speed."""
+    pages = np.frombuffer(buf, np.uint8)[::PAGE]
+    if write:
+        pages[:] = 0
+    else:
+        int(pages.sum())
+
+
+def _reserve(name: str, size: int, modality: str) -> None:
+    """Back the whole segment now: a full /dev/shm is a clear error here, not a SIGBUS
+    on some later write."""
+    path = SHM_DIR / name
+    if not hasattr(os, "posix_fallocate") or not path.exists():
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        raise OSError(
+            e.errno, f"cannot reserve {size} bytes of shared memory for the {modality!r} "
+            f"input cache in {SHM_DIR} ({e.strerror}); lower cache-entries-per-modality or "
+            "cache-entry-size, or enlarge /dev/shm"
+        ) from None
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------
+# readers: one attachment per segment and process
+# ---------------------------------------------------------------------------------
+_attached: dict[tuple[str, str, str], ShmCache] = {}
+_attached_lock = threading.Lock()
+
+
+def read(ref: SlotRef, copy: bool = False) -> np.ndarray:
+    """Read ``ref`` through this process's attachment (created on first use, and
+    re-created when the owner recreated the segment)."""
+    key = (ref.run_id, ref.node, ref.modality)
+    with _attached_lock:
+        cache = _attached.get(key)
+        if cache is None or cache._closed or cache.token != ref.token:
+            if cache is not None:
+                cache.close()
+            cache = ShmCache.attach(*key)
+            _attached[key] = cache
+    return cache.get(ref, copy=copy)
+
+
+def detach_all() -> None:
+    """Drop this process's reader attachments (worker teardown)."""
+    with _attached_lock:
+        for cache in _attached.values():
+            cache.close()
+        _attached.clear()
+
+
+# ---------------------------------------------------------------------------------
+# cleanup
+# ---------------------------------------------------------------------------------
+def _segments() -> list[Path]:
+    if not SHM_DIR.is_dir():
+        return []
+    return [p for p in SHM_DIR.iterdir() if p.name.startswith(PREFIX + "_")]
+
+
+def _owner_alive(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(_SEG.size)
+        st = path.stat()
+    except FileNotFoundError:
+        return True  # already gone: nothing to do
+    except OSError:
+        return True  # not ours to judge
+    if len(raw) < _SEG.size or raw[:8] != _MAGIC:
+        # being created right now, or garbage: give a creator time to write its header
+        return time.time() - st.st_mtime < _OWNERLESS_GRACE_S
+    _, _, _, _, pid, start, *_ = _SEG.unpack(raw)
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    actual = _process_start_time(pid)
+    # a recycled pid belongs to a process that started after the segment's owner
+    return not (start and actual is not None and abs(actual - start) > 1.0)
+
+
+def _unlink_path(path: Path) -> bool:
+    try:
+        path.unlink()
+        return True
+    except (FileNotFoundError, PermissionError):
+        return False
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlink serif segments in /dev/shm whose owner process is dead; returns their names."""
+    return [p.name for p in _segments() if not _owner_alive(p) and _unlink_path(p)]
+
+
+def remove_segments(run_id: str) -> list[str]:
+    """Unlink every segment of ``run_id`` on this node, whoever owns it (end of a run)."""
+    prefix = f"{PREFIX}_{_clean(run_id)}_"
+    return [p.name for p in _segments() if p.name.startswith(prefix) and _unlink_path(p)]
