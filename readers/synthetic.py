@@ -86,14 +86,20 @@ def _normal(*keys: Any) -> np.ndarray:
     return np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2)
 
 
-def coarse_grid(shape: tuple[int, ...], k: int, per_axis: int = 4) -> tuple[int, ...]:
-    """Cells per axis: the largest divisor of each length ≤ ``per_axis``, refined until
-    there are at least ``k`` cells (orthonormal patterns need ``k`` dimensions)."""
+def coarse_grid(
+    shape: tuple[int, ...], k: int, per_axis: int = 4, total: int = 16
+) -> tuple[int, ...]:
+    """Cells per axis: the largest divisor of each length ≤ ``per_axis``, coarsened until
+    there are at most ``total`` cells, then refined until there are at least ``k``
+    (orthonormal patterns need ``k`` dimensions)."""
 
     def divisors(n: int) -> list[int]:
         return [d for d in range(1, n + 1) if n % d == 0]
 
     cells = [max(d for d in divisors(n) if d <= per_axis) for n in shape]
+    while math.prod(cells) > total:
+        i = int(np.argmax(cells))
+        cells[i] = max(d for d in divisors(shape[i]) if d < cells[i])
     while math.prod(cells) < k:
         growable = [i for i, n in enumerate(shape) if cells[i] < n]
         if not growable:
@@ -171,11 +177,13 @@ class SyntheticReader(Reader):
         return last
 
     # -------------------------------------------------------------------- samples
-    def read(self, groups: np.ndarray, tick: int) -> ReadResult:
+    def read(self, groups: np.ndarray, tick: int, *, out: np.ndarray | None = None) -> ReadResult:
+        """Samples of ``groups`` at ``tick``; ``out`` (float32 (n, *shape), e.g. a reused
+        buffer) saves page-faulting a fresh allocation, which dominates for video."""
         g = np.asarray(groups, dtype=np.int64).reshape(-1)
         labels = self.labels(g, tick)
         keys = _mix(self.seed, self._app_key, self._mod_key, g.astype(np.uint64), tick, _SAMPLE)
-        samples = self.render(keys, labels)
+        samples = self.render(keys, labels, out=out)
         return ReadResult(samples, labels, np.ones(g.size, dtype=bool), {})
 
     def calibration(self, n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -196,10 +204,17 @@ class SyntheticReader(Reader):
             self._block = rng.standard_normal(_NOISE_BLOCK, dtype=np.float32)
         return self._block
 
-    def render(self, keys: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def render(
+        self, keys: np.ndarray, labels: np.ndarray, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Samples (n, *shape) float32 for per-sample hash ``keys`` and classes ``labels``."""
         n = keys.size
-        out = np.empty((n, *self.shape), dtype=np.float32)
+        if out is None:
+            out = np.empty((n, *self.shape), dtype=np.float32)
+        elif out.shape != (n, *self.shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise ValueError(
+                f"out must be a C-contiguous float32 array of shape {(n, *self.shape)}"
+            )
         if n == 0:
             return out
         flat = out.reshape(n, -1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import time
 import types
+import wave
 
 import numpy as np
 import pytest
@@ -129,7 +130,8 @@ def test_calibration_is_chunkable_and_covers_every_class():
 
 def test_coarse_grid():
     assert coarse_grid((9, 200), 2) == (3, 4)
-    assert coarse_grid((3, 16, 320, 568), 2) == (3, 4, 4, 4)
+    assert coarse_grid((3, 16, 320, 568), 2) == (1, 2, 2, 2)
+    assert coarse_grid((16000,), 2) == (4,)
     assert coarse_grid((7,), 5) == (7,)
     with pytest.raises(ReaderError):
         coarse_grid((2,), 3)
@@ -187,3 +189,155 @@ def test_get_reader_by_extension_and_clear_errors():
         get_reader(m, app, make_server("sensor", ["a.npy", "b.csv"]), 0)
     with pytest.raises(ReaderError, match="no streams"):
         get_reader(m, app, None, 0)
+
+
+# ================================================================== file readers
+def file_reader(tmp_path, cls_ext, shape, n_groups_files, k=2):
+    m = make_modality(shape, synthetic=False)
+    server = make_server("sensor", [str(p) for p in n_groups_files])
+    r = get_reader(m, make_app((0.5,) * k if k == 2 else (1 / k,) * k), server, seed=0)
+    assert r.__class__.__name__.lower().startswith(cls_ext)
+    return r
+
+
+def test_npy_windows_wrap_and_sidecar_labels(tmp_path):
+    a = np.arange(3 * 2 * 4, dtype=np.float64).reshape(3, 2, 4)
+    np.save(tmp_path / "g0.npy", a)
+    np.save(tmp_path / "g0.labels.npy", np.array([1, 0, -1]))
+    np.save(tmp_path / "g1.npy", -a[:2].astype(np.int16))  # no sidecar: labels unknown
+    r = file_reader(tmp_path, "npy", [2, 4], [tmp_path / "g0.npy", tmp_path / "g1.npy"])
+    for tick in range(7):
+        res = r.read(np.array([0, 1]), tick)
+        assert res.ok.all() and res.errors == {}
+        assert res.samples.dtype == np.float32
+        np.testing.assert_array_equal(res.samples[0], a[tick % 3])
+        np.testing.assert_array_equal(res.samples[1], -a[tick % 2])
+        assert res.labels.tolist() == [[1, 0, -1][tick % 3], -1]
+    x, y = r.calibration(10)  # only the labelled windows, at most n
+    assert sorted(y.tolist()) == [0, 1]
+    for xi, yi in zip(x, y, strict=True):
+        np.testing.assert_array_equal(xi, a[1 - yi])
+    # Picklable: memory maps are reopened on the other side.
+    r2 = pickle.loads(pickle.dumps(r))
+    np.testing.assert_array_equal(
+        r2.read(np.array([0]), 4).samples, r.read(np.array([0]), 4).samples
+    )
+
+
+def test_npy_shape_mismatch_and_missing_file_fail_only_that_group(tmp_path):
+    np.save(tmp_path / "good.npy", np.ones((2, 2, 4), np.float32))
+    np.save(tmp_path / "wide.npy", np.ones((2, 2, 5), np.float32))
+    paths = [tmp_path / "good.npy", tmp_path / "wide.npy", tmp_path / "gone.npy"]
+    r = file_reader(tmp_path, "npy", [2, 4], paths)
+    res = r.read(np.array([0, 1, 2, 3]), 0)
+    assert res.ok.tolist() == [True, False, False, False]
+    assert set(res.errors) == {1, 2, 3}
+    assert "wide.npy" in res.errors[1] and "group 1" in res.errors[1]
+    assert "[2, 4]" in res.errors[1]
+    assert "gone.npy" in res.errors[2] and "not found" in res.errors[2]
+    assert "no 'sensor' stream" in res.errors[3]
+    np.testing.assert_array_equal(res.samples[0], np.ones((2, 4)))
+    assert (res.samples[1:] == 0).all() and (res.labels[1:] == -1).all()
+    # A file that appears later is picked up on the next tick.
+    np.save(tmp_path / "gone.npy", np.zeros((1, 2, 4), np.float32))
+    assert r.read(np.array([2]), 1).ok.all()
+
+
+def test_npy_truncated_file_fails_only_that_group(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((4, 8), np.float32))
+    np.save(tmp_path / "b.npy", np.ones((4, 8), np.float32))
+    raw = (tmp_path / "b.npy").read_bytes()
+    (tmp_path / "b.npy").write_bytes(raw[: len(raw) - 40])
+    r = file_reader(tmp_path, "npy", [8], [tmp_path / "a.npy", tmp_path / "b.npy"])
+    res = r.read(np.array([0, 1]), 3)
+    assert res.ok.tolist() == [True, False] and "b.npy" in res.errors[1]
+
+
+def test_npy_bad_sidecar_is_a_group_error(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((3, 4), np.float32))
+    np.save(tmp_path / "a.labels.npy", np.array([0, 5, 1]))
+    r = file_reader(tmp_path, "npy", [4], [tmp_path / "a.npy"])
+    res = r.read(np.array([0]), 0)
+    assert not res.ok[0] and "label 5 outside" in res.errors[0]
+    with pytest.raises(NoCalibrationData, match="no labelled calibration data"):
+        r.calibration(4)
+
+
+def write_wav(path, frames: np.ndarray, width=2, rate=8000):
+    frames = frames.reshape(len(frames), -1)  # (n, channels)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(frames.shape[1])
+        w.setsampwidth(width)
+        w.setframerate(rate)
+        w.writeframes(frames.astype({1: "u1", 2: "<i2", 4: "<i4"}[width]).tobytes())
+
+
+def test_wav_windows_scaling_and_labels(tmp_path):
+    pcm = np.array([0, 16384, -32768, 32767, 100, -100, 7, 8, 9, 10], dtype=np.int16)
+    write_wav(tmp_path / "p.wav", pcm)
+    np.save(tmp_path / "p.labels.npy", np.array([1, 0, 1]))  # 10 frames // 3 = 3 windows
+    r = file_reader(tmp_path, "wav", [3], [tmp_path / "p.wav"])
+    res = r.read(np.array([0]), 0)
+    np.testing.assert_allclose(res.samples[0], [0.0, 0.5, -1.0])
+    assert res.labels.tolist() == [1]
+    np.testing.assert_allclose(r.read(np.array([0]), 4).samples[0], pcm[3:6] / 32768)
+    assert r.read(np.array([0]), 2).labels.tolist() == [1]
+    assert np.all(np.abs(r.read(np.array([0]), 1).samples) <= 1.0)
+    x, y = r.calibration(5)
+    assert len(y) == 3 and sorted(y.tolist()) == [0, 1, 1]
+
+
+def test_wav_stereo_and_errors(tmp_path):
+    stereo = np.stack([np.arange(8), -np.arange(8)], axis=1) * 1000
+    write_wav(tmp_path / "s.wav", stereo)
+    write_wav(tmp_path / "short.wav", np.arange(1))
+    (tmp_path / "junk.wav").write_bytes(b"not a wav file at all")
+    paths = [tmp_path / "s.wav", tmp_path / "short.wav", tmp_path / "junk.wav"]
+    r = file_reader(tmp_path, "wav", [2, 4], paths)
+    res = r.read(np.array([0, 1, 2]), 1)
+    np.testing.assert_allclose(
+        res.samples[0], np.array([[4, 5, 6, 7], [-4, -5, -6, -7]]) * 1000 / 32768
+    )
+    assert res.ok.tolist() == [True, False, False]
+    assert "short.wav" in res.errors[1] and "channel" in res.errors[1]
+    assert "junk.wav" in res.errors[2]
+    mono = file_reader(tmp_path, "wav", [4], [tmp_path / "short.wav"])
+    assert "shorter than one window" in mono.read(np.array([0]), 0).errors[0]
+
+
+def test_csv_windows_with_header_and_label_column(tmp_path):
+    rows = ["t0,t1,label"] + [f"{i},{10 * i},{int(i >= 4)}" for i in range(9)]
+    (tmp_path / "s.csv").write_text("\n".join(rows) + "\n")
+    r = file_reader(tmp_path, "csv", [2, 3], [tmp_path / "s.csv"])
+    res = r.read(np.array([0]), 1)  # rows 3, 4, 5; labels 0, 1, 1 -> 1
+    np.testing.assert_array_equal(res.samples[0], [[3, 4, 5], [30, 40, 50]])
+    assert res.labels.tolist() == [1]
+    assert r.read(np.array([0]), 3).labels.tolist() == [0]  # wraps to window 0
+    x, y = r.calibration(10)
+    assert sorted(y.tolist()) == [0, 1, 1]
+
+
+def test_csv_without_header_or_labels_and_errors(tmp_path):
+    (tmp_path / "a.csv").write_text("1,2\n3,4\n5,6\n7,8\n")
+    (tmp_path / "b.csv").write_text("1,2,3\n4,5,6\n")
+    (tmp_path / "c.csv").write_text("1,2\n3,x\n")
+    paths = [tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "c.csv"]
+    r = file_reader(tmp_path, "csv", [2, 2], paths)
+    res = r.read(np.array([0, 1, 2]), 1)
+    np.testing.assert_array_equal(res.samples[0], [[5, 7], [6, 8]])
+    assert res.labels.tolist() == [-1, -1, -1]
+    assert res.ok.tolist() == [True, False, False]
+    assert "b.csv" in res.errors[1] and "3 channel" in res.errors[1]
+    assert "c.csv" in res.errors[2]
+    with pytest.raises(NoCalibrationData):
+        r.calibration(3)
+
+
+def test_synthetic_read_into_buffer():
+    r = get_reader(make_modality([9, 200]), make_app(), None, seed=0)
+    buf = np.full((3, 9, 200), np.nan, np.float32)
+    res = r.read(np.arange(3), 2, out=buf)
+    assert res.samples is buf
+    np.testing.assert_array_equal(buf, r.read(np.arange(3), 2).samples)
+    with pytest.raises(ValueError, match="out must be"):
+        r.read(np.arange(2), 2, out=buf)
