@@ -54,6 +54,7 @@ __all__ = [
     "remove_segments",
     "remove_stale_segments",
     "segment_name",
+    "valid",
 ]
 
 PREFIX = "serif"
@@ -392,6 +393,13 @@ def read(ref: SlotRef, copy: bool = False) -> np.ndarray:
             cache = ShmCache.attach(*key)
             _attached[key] = cache
     return cache.get(ref, copy=copy)
+
+
+def valid(ref: SlotRef) -> bool:
+    """Whether ``ref`` is still current, through this process's attachment; call it
+    after using a view from :func:`read` to know the data did not change under you."""
+    cache = _attached.get((ref.run_id, ref.node, ref.modality))
+    return cache is not None and cache.valid(ref)
 
 
 def detach_all() -> None:

@@ -12,7 +12,7 @@ Guarantees:
   the log and, for cluster nodes, ``nodes.conf``; the dir is removed on stop;
 * the server never outlives us: ``PR_SET_PDEATHSIG`` on Linux kills it when the
   parent dies, ``stop()`` is registered with :mod:`atexit` and is idempotent,
-  and temp dirs of dead owners are swept at the next start;
+  and servers and temp dirs of dead owners are swept at the next start;
 * the server runs in its own session, so a Ctrl-C on the terminal reaches the
   driver (which shuts down in order) and not Redis directly.
 """
@@ -105,8 +105,14 @@ def _is_loopback(host: str) -> bool:
 
 
 def _die_with_parent(parent_pid: int) -> Any:
-    """preexec_fn: SIGKILL the child when the spawning thread's process dies (Linux)."""
-    if not sys.platform.startswith("linux"):
+    """preexec_fn: SIGKILL the child when its parent dies (Linux).
+
+    PDEATHSIG fires when the *thread* that forked exits, so it is only used from the
+    main thread; elsewhere atexit and :func:`remove_stale_dirs` cover us.
+    """
+    if not sys.platform.startswith("linux") or (
+        threading.current_thread() is not threading.main_thread()
+    ):
         return None
     import ctypes
 
@@ -132,7 +138,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_stale_dirs() -> list[Path]:
-    """Remove private temp dirs left by embedded servers whose owner process died."""
+    """Clean up after embedded servers whose owner process died.
+
+    Kills a server still running from such a dir (found through its pidfile, checked by
+    name and working directory, so a recycled pid is left alone) and removes the dir.
+    This covers owners that could not use PDEATHSIG (started from a thread).
+    """
     removed = []
     root = Path(tempfile.gettempdir())
     for d in root.glob(f"{_TMP_PREFIX}*"):
@@ -141,9 +152,23 @@ def remove_stale_dirs() -> list[Path]:
         except ValueError:
             continue
         if d.is_dir() and d.stat().st_uid == os.getuid() and not _pid_alive(pid):
+            _kill_orphan(d)
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
+
+
+def _kill_orphan(d: Path) -> None:
+    try:
+        pid = int((d / "redis.pid").read_text().strip())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().decode(errors="replace")
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except (OSError, ValueError):
+        return
+    if "redis-server" in cmdline and Path(cwd) == d.resolve():
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class EmbeddedRedis:

@@ -276,3 +276,33 @@ def test_servers_stop_and_die_with_parent(tmp_path: Path) -> None:
     assert Path(child_dir).exists()
     EmbeddedRedis().start().stop()
     assert not Path(child_dir).exists()
+
+
+def test_orphan_from_thread_is_swept() -> None:
+    """Started from a thread (no PDEATHSIG) and orphaned: the next start kills it."""
+    from redis_fixtures import assert_gone
+
+    script = (
+        "import threading, time\n"
+        "from serif_dask.redis_server import EmbeddedRedis\n"
+        "box = []\n"
+        "t = threading.Thread(target=lambda: box.append(EmbeddedRedis().start()))\n"
+        "t.start(); t.join()\n"
+        "print(box[0].pid, box[0].dir, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        pid, orphan_dir = parent.stdout.readline().split()  # type: ignore[union-attr]
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+    time.sleep(0.2)
+    assert psutil.pid_exists(int(pid))  # survived its parent
+    EmbeddedRedis().start().stop()
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(int(pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_gone([int(pid)])
+    assert not Path(orphan_dir).exists()
