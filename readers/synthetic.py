@@ -21,9 +21,11 @@ order ticks are asked in, and no per-group state is kept. The label of (group, t
 found by walking back to the group's last redraw (expected ``1/(1-ρ)`` steps, done for
 all groups at once in windows of 64 ticks).
 
-Cost (2-core machine): sensor [9, 200] ~2 µs per group, audio [16000] ~10 µs per group,
-video [3, 16, 320, 568] (35 MB) ~8 ms per group, about two memory passes: ``ε`` is copied
-from a 4 MB block of pre-drawn normals at hashed offsets instead of being drawn fresh.
+Cost (measured on the shared 2-core machine): sensor [9, 200] ~5 µs per group, audio
+[16000] ~20 µs per group, labels for 10,000 groups ~12 ms. Video [3, 16, 320, 568]
+(35 MB) ~10 ms per group, most of it page-faulting the fresh output; the work itself is
+two memory passes (~7 ms) because ``ε`` is copied from a 4 MB block of pre-drawn
+normals at hashed offsets instead of being drawn fresh. Pass ``out=`` to reuse a buffer.
 """
 
 from __future__ import annotations

@@ -156,17 +156,22 @@ class NearestMeanEstimator(Estimator):
         self.weights: np.ndarray | None = None  # (F, K)
         self.bias: np.ndarray | None = None  # (K,) without the prior
         self.temperature = 1.0
+        self._dense: np.ndarray | None = None  # weights per element of the strided view
+
+    def _plan(self, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], tuple[int, ...]]:
+        """The strided view of a sample and the thumbnail shape taken from it."""
+        if self.shape is not None and shape != self.shape:
+            raise ValueError(f"estimator was fitted on shape {list(self.shape)}, got {list(shape)}")
+        view = tuple(slice(None, None, s) for s in _strides(shape, self.max_elements))
+        viewed = tuple(-(-n // (sl.step or 1)) for n, sl in zip(shape, view, strict=True))
+        return view, _thumbnail_shape(viewed, self.max_features)
 
     # ---------------------------------------------------------------- features
     def features(self, samples: np.ndarray) -> np.ndarray:
         """Standardised-ready thumbnail features (n, F) float64."""
         x = np.asarray(samples)
-        shape = tuple(x.shape[1:])
-        if self.shape is not None and shape != self.shape:
-            raise ValueError(f"estimator was fitted on shape {list(self.shape)}, got {list(shape)}")
-        strides = _strides(shape, self.max_elements)
-        x = x[(slice(None), *(slice(None, None, s) for s in strides))]  # a view
-        target = _thumbnail_shape(x.shape[1:], self.max_features)
+        view, target = self._plan(tuple(x.shape[1:]))
+        x = x[(slice(None), *view)]  # a view, no copy
         # Reduce the axes that shrink most first so later passes touch little data.
         order = sorted(range(len(target)), key=lambda a: target[a] / x.shape[a + 1])
         for axis in order:
@@ -198,7 +203,7 @@ class NearestMeanEstimator(Estimator):
         if len(labels) < 2:
             raise ValueError("NearestMeanEstimator needs at least 2 labelled samples")
         w, b = self._discriminant(feats, labels)
-        self.weights, self.bias, self.temperature = w, b, 1.0
+        self.weights, self.bias, self.temperature, self._dense = w, b, 1.0, None
         if self.calibrate_temperature and len(labels) >= 8:
             self.temperature = self._fit_temperature(feats, labels)
         return self
@@ -212,8 +217,8 @@ class NearestMeanEstimator(Estimator):
         # Principal components: the means and covariance are then estimated in a space
         # small enough for a few hundred calibration samples.
         n_comp = max(1, min(self.max_components, z.shape[1], len(z) - self.k))
-        _, _, vt = np.linalg.svd(z, full_matrices=False)
-        basis = vt[:n_comp].T  # (F, c)
+        _, vecs = np.linalg.eigh(z.T @ z)  # ascending eigenvalues
+        basis = vecs[:, ::-1][:, :n_comp]  # (F, c)
         y = z @ basis
         means = np.zeros((self.k, n_comp))
         present = np.bincount(labels, minlength=self.k) > 0
@@ -257,8 +262,35 @@ class NearestMeanEstimator(Estimator):
     def scores(self, samples: np.ndarray) -> np.ndarray:
         if self.weights is None or self.bias is None:
             raise RuntimeError("NearestMeanEstimator.scores called before fit")
-        logit = (self.features(samples) @ self.weights + self.bias) / self.temperature
-        return _softmax(logit + np.log(np.maximum(self.prior, 1e-300)))
+        x = np.asarray(samples)
+        # Thumbnail, standardisation, projection and discriminant are all linear: one
+        # matrix product over the strided view does them at once.
+        view, dense = self._dense_map(tuple(x.shape[1:]))
+        flat = x[(slice(None), *view)].reshape(len(x), -1)
+        logit = (flat @ dense).astype(np.float64) + self.bias
+        return _softmax(logit / self.temperature + np.log(np.maximum(self.prior, 1e-300)))
+
+    def _dense_map(self, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], np.ndarray]:
+        view, target = self._plan(shape)
+        if self._dense is None:
+            viewed = [-(-n // (sl.step or 1)) for n, sl in zip(shape, view, strict=True)]
+            index, counts = [], []
+            for length, out in zip(viewed, target, strict=True):
+                edges = (np.arange(out) * length) // out
+                index.append(np.searchsorted(edges, np.arange(length), side="right") - 1)
+                counts.append(np.diff(np.append(edges, length))[index[-1]])
+            feature = np.ravel_multi_index(np.ix_(*index), target).reshape(-1)
+            count = np.ones(1)
+            for c in counts:
+                count = np.multiply.outer(count, c)
+            assert self.weights is not None
+            self._dense = (self.weights[feature] / count.reshape(-1, 1)).astype(np.float32)
+        return view, self._dense
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_dense"] = None  # rebuilt on first use; up to a few MB
+        return state
 
 
 def _ledoit_wolf(x: np.ndarray) -> np.ndarray:

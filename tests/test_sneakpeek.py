@@ -260,3 +260,76 @@ def test_load_user_estimator(balanced_sensor):
         load_estimator("no_such_module_xyz:Thing", app.prior)
     with pytest.raises(ValueError, match="package.module:Class"):
         load_estimator("nocolon", app.prior)
+
+
+@pytest.mark.parametrize("shape", [(9, 200), (3, 5, 70, 90)])
+def test_one_matmul_scores_equal_thumbnail_discriminant(shape):
+    app = make_app([0.7, 0.3])
+    reader = get_reader(make_modality(shape, name=f"m{len(shape)}"), app, None, seed=4)
+    est = NearestMeanEstimator(app.prior, max_elements=4096).fit(*reader.calibration(64))
+    x = reader.read(np.arange(20), 1).samples
+    logit = (est.features(x) @ est.weights + est.bias) / est.temperature + np.log(est.prior)
+    p = np.exp(logit - logit.max(axis=1, keepdims=True))
+    np.testing.assert_allclose(est.scores(x), p / p.sum(axis=1, keepdims=True), atol=1e-4)
+    with pytest.raises(ValueError, match="fitted on shape"):
+        est.scores(np.zeros((1, 7), np.float32))
+
+
+def test_with_real_config_objects():
+    config = pytest.importorskip("serif_dask.config")
+    modality = config.Modality.model_validate(
+        {
+            "name": "sensor",
+            "use-synthetic-data": True,
+            "synthetic-shape": [9, 200],
+            "cache-entry-size": 7200,
+            "retrieval-latencies": {},
+        }
+    )
+    app = config.Application.model_validate(
+        {
+            "name": "hospital",
+            "sla-latency": 1.0,
+            "sample-duration": 1.0,
+            "utility-matrix": [[1, 0], [0, 1]],
+            "prior": [0.5, 0.5],
+            "model-profiles": [
+                {
+                    "name": "m",
+                    "use-profile": True,
+                    "modality": "sensor",
+                    "cmat": [[9, 1], [1, 9]],
+                    "latencies": {"n": [0.01, 0.01]},
+                }
+            ],
+        }
+    )
+    reader = get_reader(modality, app, None, seed=0)
+    est = build_estimator(app, reader, n_calibration=256)
+    beliefs = GroupBeliefs.from_app(app, n_groups=100)
+    groups = np.arange(100)
+    for tick in range(3):
+        res = reader.read(groups, tick)
+        beliefs.observe(groups[res.ok], est.scores(res.samples[res.ok]))
+    pi = beliefs.pi(groups)
+    np.testing.assert_allclose(pi.sum(axis=1), 1.0)
+    assert accuracy(pi, reader.labels(groups, 2)) > 0.6
+
+
+def test_memory_pays_when_conditions_persist(balanced_sensor):
+    app, reader = balanced_sensor
+    est = build_estimator(app, reader, n_calibration=256)
+    groups = np.arange(600)
+    reads = [reader.read(groups, t) for t in range(12)]
+    scores = [est.scores(r.samples) for r in reads]
+
+    def late_accuracy(memory):
+        b = GroupBeliefs(app.prior, len(groups), memory=memory, strength=1.0)
+        accs = []
+        for t, (r, s) in enumerate(zip(reads, scores, strict=True)):
+            b.observe(groups, s)
+            if t >= 6:
+                accs.append(accuracy(b.pi(groups), r.labels))
+        return np.mean(accs)
+
+    assert late_accuracy(0.5) > late_accuracy(0.0) + 0.03
