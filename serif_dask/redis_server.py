@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from serif_dask.store import RedisUnavailable, connect
 
@@ -294,7 +296,7 @@ class EmbeddedRedis:
         deadline = time.monotonic() + self.startup_timeout
         client = redis.Redis(
             host=self.host, port=self.port, password=self.password,
-            socket_connect_timeout=0.5, socket_timeout=2.0,
+            socket_connect_timeout=0.5, socket_timeout=2.0, retry=Retry(NoBackoff(), 0),
         )
         try:
             while time.monotonic() < deadline:
@@ -395,13 +397,15 @@ def start_cluster(
     host: str = "127.0.0.1",
     ports: Sequence[int] | None = None,
     timeout: float = 30.0,
+    node_timeout_ms: int = 5000,
 ) -> EmbeddedCluster:
     """Start ``n_masters * (1 + replicas)`` cluster-enabled servers and join them.
 
     Slots are assigned through redis-py (``CLUSTER ADDSLOTS/MEET/REPLICATE``), which works
     for any number of masters (``redis-cli --cluster create`` insists on three), needs no
     password on a command line, and returns when every node reports ``cluster_state:ok``
-    and every replica is in sync.
+    and every replica is in sync.  ``node_timeout_ms`` (``cluster-node-timeout``) bounds
+    how fast a replica takes over from a dead master.
     """
     if n_masters < 1 or replicas < 0:
         raise ValueError("need at least one master and a non-negative replica count")
@@ -412,7 +416,10 @@ def start_cluster(
     try:
         for i in range(total):
             port = ports[i] if ports is not None else None
-            servers.append(EmbeddedRedis(port, host, password, cluster=True).start())
+            servers.append(EmbeddedRedis(
+                port, host, password, cluster=True,
+                extra_config={"cluster-node-timeout": str(node_timeout_ms)},
+            ).start())
         _create_cluster(servers, n_masters, replicas, password, timeout)
     except BaseException:
         for s in servers:

@@ -211,12 +211,17 @@ class WeightStore:
     """
 
     def __init__(self, client: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 prefix: str = "serif:weights") -> None:
+                 prefix: str = "serif:weights", replicas: int = 0,
+                 replica_timeout_s: float = 10.0) -> None:
         if chunk_size <= 0 or chunk_size > DEFAULT_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in 1..{DEFAULT_CHUNK_SIZE}")
         self.client = client
         self.chunk_size = chunk_size
         self.prefix = prefix
+        # Replication is asynchronous: with ``replicas`` > 0 a push returns only once that
+        # many replicas hold it (WAIT), so losing a master right after loses no weights.
+        self.replicas = replicas
+        self.replica_timeout_s = replica_timeout_s
 
     def _k(self, key: str, *parts: object) -> str:
         if not key or "{" in key or "}" in key:
@@ -285,9 +290,24 @@ class WeightStore:
             "chunk_size": meta.chunk_size, "version": meta.version, "seq": meta.seq,
             "pushed_at": repr(meta.pushed_at),
         })
+        if self.replicas:
+            self._wait_replicas(key)
         if old is not None and old.seq != seq:
             self._delete_chunks(key, old.seq, old.chunks)
         return meta
+
+    def _wait_replicas(self, key: str) -> None:
+        args = ("WAIT", self.replicas, int(self.replica_timeout_s * 1000))
+        if isinstance(self.client, RedisCluster):
+            node = self.client.get_node_from_key(self._k(key, "meta"))
+            acked = self.client.execute_command(*args, target_nodes=node)
+        else:
+            acked = self.client.execute_command(*args)
+        if int(acked) < self.replicas:
+            raise RedisUnavailable(
+                f"weights {key!r}: only {acked} of {self.replicas} replicas acknowledged "
+                f"within {self.replica_timeout_s} s"
+            )
 
     def _delete_chunks(self, key: str, seq: int, chunks: int) -> None:
         if chunks:

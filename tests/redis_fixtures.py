@@ -1,8 +1,10 @@
 """Pytest fixtures that run real ``redis-server`` processes (the embedded binary).
 
 Use from a test module with ``pytest_plugins = ["redis_fixtures"]`` (or from the root
-conftest).  Tests that use ``redis_cluster`` are marked ``redis_cluster``, so
-``-m redis_cluster`` / ``-m "not redis_cluster"`` select them.
+conftest).  Tests that use the ``redis_cluster`` fixture, or whose name starts with
+``test_cluster``, are marked ``redis_cluster``, so ``-m redis_cluster`` and
+``-m "not redis_cluster"`` select them.  Every fixture is function-scoped: the root
+conftest checks after each test that no child process is left.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.name.startswith(
+            "test_cluster"
+        ):
             item.add_marker("redis_cluster")
 
 

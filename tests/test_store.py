@@ -93,6 +93,30 @@ def test_cluster_weights_roundtrip_and_tamper(redis_cluster) -> None:
         ws.fetch("cluster-tamper")
 
 
+def test_cluster_with_replicas_and_password() -> None:
+    from redis_fixtures import assert_gone
+
+    from serif_dask.redis_server import start_cluster
+
+    with start_cluster(3, replicas=1, password="pw", timeout=60) as cluster:
+        assert len(cluster.nodes) == 6
+        client = connect(cluster.nodes, password="pw")
+        ws = WeightStore(client, chunk_size=CHUNK, replicas=1)
+        data = _payload(3500)
+        ws.push("replicated", data)
+        # the replica of the key's master holds every chunk already (WAIT)
+        master = client.get_node_from_key("serif:weights:{replicated}:meta")
+        replica = next(
+            s for s in cluster.servers[3:]
+            if s.client().info("replication").get("master_port") == master.port
+        )
+        r = replica.client()
+        r.execute_command("READONLY")
+        assert r.hgetall("serif:weights:{replicated}:meta")[b"chunks"] == b"4"
+        assert ws.fetch("replicated") == data
+    assert_gone([s.pid or 0 for s in cluster.servers])
+
+
 def test_tampered_and_missing(redis_server: EmbeddedRedis) -> None:
     client = connect([redis_server.address])
     ws = WeightStore(client, chunk_size=CHUNK)
