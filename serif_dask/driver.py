@@ -30,6 +30,9 @@ logger = logging.getLogger("serif_dask.driver")
 
 #: Seconds past a tick's last deadline (2 × sla) the driver still waits for its batches.
 GRACE_S = 30.0
+#: Planning assumes a tick's plan happens this long after its samples are taken (read and
+#: peek); a constant, so that decisions stay a pure function of config and seed.
+PIPELINE_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,12 @@ class Driver:
         self.inflight: set[asyncio.Task] = set()
         self.started = 0.0
         self.scheduler_lost = False
+        # Plans are made in tick order (due time, then application), whatever order their
+        # reads finish in: the planner's state then depends only on config and seed.
+        self._next_seq = 0
+        self._turn = 0
+        self._turn_changed = asyncio.Condition()
+        self._skipped: set[int] = set()
 
     # -- set-up --------------------------------------------------------------------------
     async def configure(self) -> None:
@@ -146,7 +155,10 @@ class Driver:
                     continue
                 if now - due[i] > min(0.5, app.sample_duration / 2):
                     self.stats.ticks_late += 1
-                task = asyncio.create_task(self._tick(app, index[i], now))
+                task = asyncio.create_task(
+                    self._tick(app, index[i], now, due[i] - start, self._next_seq)
+                )
+                self._next_seq += 1
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
                 index[i] += 1
@@ -169,7 +181,25 @@ class Driver:
             await asyncio.wait(pending)
 
     # -- one tick ------------------------------------------------------------------------
-    async def _tick(self, app: Application, tick: int, arrival: float) -> None:
+    async def _wait_turn(self, seq: int) -> None:
+        async with self._turn_changed:
+            await self._turn_changed.wait_for(lambda: self._turn >= seq)
+
+    async def _pass_turn(self, seq: int) -> None:
+        async with self._turn_changed:
+            if self._turn == seq:
+                self._turn = seq + 1
+                self._turn_changed.notify_all()
+            elif self._turn < seq:  # an earlier tick still holds its turn: queue ours
+                self._skipped.add(seq)
+            while self._turn in self._skipped:
+                self._skipped.discard(self._turn)
+                self._turn += 1
+                self._turn_changed.notify_all()
+
+    async def _tick(
+        self, app: Application, tick: int, arrival: float, logical: float, seq: int
+    ) -> None:
         groups = np.arange(self.config.data.num_groups, dtype=np.int64)
         pending = np.ones(groups.size, dtype=bool)  # not yet recorded
 
@@ -189,7 +219,9 @@ class Driver:
 
         futures: list[Future] = []
         try:
-            await self._tick_body(app, tick, arrival, groups, pending, record, fail, futures)
+            await self._tick_body(
+                app, tick, arrival, logical, seq, groups, pending, record, fail, futures
+            )
         except asyncio.CancelledError:
             fail(groups, "stopped")
             raise
@@ -202,6 +234,7 @@ class Driver:
                 logger.exception("serif: tick %d of %s failed", tick, app.name)
                 fail(groups, f"tick-error: {type(exc).__name__}: {exc}")
         finally:
+            await self._pass_turn(seq)
             fail(groups, "unaccounted")  # nothing recorded yet is failed, never lost
             for fut in futures:
                 fut.release()
@@ -233,9 +266,9 @@ class Driver:
             logger.debug("serif: could not report tick metrics", exc_info=True)
 
     async def _tick_body(
-        self, app: Application, tick: int, arrival: float, groups: np.ndarray,
-        pending: np.ndarray, record: Callable[[Chunk], None], fail: Callable[..., None],
-        futures: list[Future],
+        self, app: Application, tick: int, arrival: float, logical: float, seq: int,
+        groups: np.ndarray, pending: np.ndarray, record: Callable[[Chunk], None],
+        fail: Callable[..., None], futures: list[Future],
     ) -> None:
         config, client = self.config, self.client
         workers = await self._workers()
@@ -280,17 +313,28 @@ class Driver:
                 for server, fut in reads[peek_mod]
             ]
             futures.extend(peeks)
-            for result in await client.gather(peeks, errors="skip", asynchronous=True):
+            try:  # a late look is worth nothing: plan with the prior rather than wait
+                results = await asyncio.wait_for(
+                    client.gather(peeks, errors="skip", asynchronous=True),
+                    timeout=2 * app.sla_latency,
+                )
+            except TimeoutError:
+                logger.warning("serif: peek of %s tick %d timed out", app.name, tick)
+                results = []
+            for result in results:
                 scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
 
         live = groups[pending]
+        await self._wait_turn(seq)
         if live.size == 0:
             return
         plan = await client.scheduler.serif_plan(
             app=app.name, tick=tick, groups=live.tolist(),
-            arrival=[arrival] * live.size, scores=dumps(scores[live]),
+            arrival=[logical] * live.size, scores=dumps(scores[live]),
             input_node={m: input_node[m][live].tolist() for m in mods},
+            now=logical + PIPELINE_S, started=self.started,
         )
+        await self._pass_turn(seq)
         self.stats.decision_ms.append(plan["decision_ms"])
         pi = np.asarray(loads(plan["pi"]), dtype=float)
         pi_by_group = np.full((groups.size, pi.shape[1]), np.nan)

@@ -42,8 +42,20 @@ class WorkerState:
     node: str  # the compute node or server of the config this worker stands for
     host_node: str  # shared-memory node ($SERIF_NODE or host)
     warm: dict[str, None] = field(default_factory=dict)  # ordered: an LRU of model names
-    busy_until: float = 0.0
-    pending: set[str] = field(default_factory=set)
+    busy_until: float = 0.0  # on the run's logical clock (seconds since its start)
+    pending: dict[str, float] = field(default_factory=dict)  # score key -> estimated seconds
+
+    def backlog(self, now: float, slack: float) -> float:
+        """Queued seconds ahead of a new batch.
+
+        Plans advance ``busy_until`` on the run's logical clock, so decisions are a pure
+        function of config and seed. Only when the real queue (estimates of batches that
+        have not finished) runs ahead of that model by more than ``slack`` does the real one
+        win: an overloaded or slowed-down worker must never look idle.
+        """
+        logical = max(0.0, self.busy_until - now)
+        real = sum(self.pending.values())
+        return real if real > logical + slack else logical
 
 
 @dataclass
@@ -90,6 +102,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "serif_warm": self.warm_update,
             }
         )
+        self.run_started = 0.0  # wall time of logical time 0
+        self.slack = 1.0
         self.config: SerifConfig | None = None
         self.config_bytes: bytes | None = None
         self.run_id: str | None = None
@@ -110,6 +124,12 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for address in list(self.scheduler.workers):
             self._track_worker(address)
         self.scheduler.add_plugin(self, name=self.name, idempotent=True)
+        try:  # the dashboard page and /metrics are extras: they never break the plugin
+            from serif_dask.dashboard import register
+
+            register(self.scheduler, self)
+        except Exception:
+            logger.exception("serif: could not add the dashboard page and metrics")
 
     # -- lifecycle hooks (must never raise: Dask swallows hook errors) ------------------
     async def close(self) -> None:
@@ -145,9 +165,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 return
             state = self.workers.get(address)
             if state is not None:
-                state.pending.discard(key)
-                if not state.pending:
-                    state.busy_until = min(state.busy_until, time.time())
+                state.pending.pop(key, None)
         except Exception:
             self.hook_errors += 1
             logger.exception("serif: transition hook failed for %s", key)
@@ -182,6 +200,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.table = ModelTable.from_config(parsed)
         self.policy_name, self.policy = policy, policy_obj
         self.data_aware, self.seed = bool(data_aware), int(seed)
+        self.run_started = time.time()
+        self.slack = max(app.sla_latency for app in parsed.apps)
         self.beliefs = {
             app.name: GroupBeliefs(
                 prior=np.asarray(app.prior, dtype=float),
@@ -224,11 +244,18 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         arrival: list[float],
         scores: bytes | None,
         input_node: dict[str, list[str]],
+        now: float,
+        started: float,
     ) -> dict[str, Any]:
-        """Pick a model and worker per request of one application's tick."""
+        """Pick a model and worker per request of one application's tick.
+
+        ``arrival`` and ``now`` are on the run's logical clock (seconds since its start,
+        from the tick schedule), which keeps decisions reproducible for a given seed.
+        """
         if self.table is None or self.config is None:
             raise RuntimeError("serif: no run is configured on this scheduler")
-        started = time.perf_counter()
+        self.run_started = started
+        t0 = time.perf_counter()
         table = self.table
         app_table = table.app(app)
         groups_arr = np.asarray(groups, dtype=np.int64)
@@ -243,7 +270,6 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.latest_pi[app] = beliefs.pi(np.arange(self.config.data.num_groups))
         pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
 
-        now = time.time()
         view = self._worker_view(now)
         problem = build_problem(
             table,
@@ -266,7 +292,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             loop = asyncio.get_running_loop()
             plan = await loop.run_in_executor(self._executor, self.policy, problem)
         batches = self._commit(app_table.name, tick, problem, plan, view)
-        decision_ms = (time.perf_counter() - started) * 1000.0
+        decision_ms = (time.perf_counter() - t0) * 1000.0
         self.decision_ms.append(decision_ms)
         dropped = groups_arr[np.asarray(plan.model) == DROP]
         return {
@@ -323,6 +349,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         }
 
     # -- internals ------------------------------------------------------------------------
+    def clock(self, wall: float) -> float:
+        """Wall time to the run's logical clock."""
+        return wall - self.run_started
+
     async def _refresh_workers(self) -> None:
         """Ask worker plugins for their shared-memory node and warm models (network only)."""
         replies = await self.scheduler.broadcast(
@@ -344,7 +374,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "node": s.node,
                 "host_node": s.host_node,
                 "warm": list(s.warm),
-                "backlog": max(0.0, s.busy_until - now),
+                "backlog": s.backlog(self.clock(now), self.slack),
                 "pending": len(s.pending),
             }
             for s in sorted(self.workers.values(), key=lambda s: s.name)
@@ -370,7 +400,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             addresses=tuple(s.address for s in compute),
             node_index=np.asarray([table.node_names.index(s.node) for s in compute], dtype=int),
             host_node=tuple(s.host_node for s in compute),
-            backlog=np.asarray([max(0.0, s.busy_until - now) for s in compute], dtype=float),
+            backlog=np.asarray([s.backlog(now, self.slack) for s in compute], dtype=float),
             warm=warm,
         )
 
@@ -403,7 +433,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             )
             if state is not None:
                 state.busy_until = max(state.busy_until, problem.now) + float(duration)
-                state.pending.add(key)
+                state.pending[key] = float(duration)
                 state.warm[self.table.names[m]] = None
                 self.pending[key] = state.address
             batches.append(

@@ -104,20 +104,8 @@ def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) ->
 
     plugin = current_plugin()
     config = plugin.ensure_run(run_id)
-    app_cfg = _app(config, app)
-    prior = np.asarray(app_cfg.prior, dtype=float)
-    settings = app_cfg.sneakpeek
-    if settings.impl:
-        estimator = sneakpeek.load_estimator(settings.impl, prior)
-    else:
-        estimator = sneakpeek.NearestMeanEstimator(prior)
-    try:
-        samples, labels = _reader(plugin, config, app, modality, server).calibration(n)
-        estimator.fit(samples, labels)
-    except Exception as exc:
-        logger.warning("serif: SneakPeek for %s falls back to the prior: %s", app, exc)
-        return sneakpeek.PriorEstimator(prior)
-    return estimator
+    reader = _reader(plugin, config, app, modality, server)
+    return sneakpeek.build_estimator(_app(config, app), reader, n)
 
 
 def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
