@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +20,26 @@ from serif_dask.config import SerifConfig, load_config
 from serif_dask.driver import Driver, RunOptions
 from serif_dask.scheduler import install as install_scheduler_plugin
 from serif_dask.worker import SerifWorkerPlugin
+
+logger = logging.getLogger("serif_dask")
+
+
+def push_weights(config: SerifConfig, client: Any) -> list[str]:
+    """Put each real model's weights file into Redis unless the same bytes are there."""
+    from serif_dask.store import WeightStore
+
+    store = WeightStore(client)
+    pushed = []
+    for app in config.apps:
+        for profile in app.model_profiles:
+            if profile.use_profile or not profile.weights:
+                continue
+            key = profile.redis_key or profile.name
+            _, changed = store.push_if_changed(key, Path(profile.weights))
+            if changed:
+                pushed.append(key)
+                logger.info("pushed weights of %s/%s to Redis key %s", app.name, profile.name, key)
+    return pushed
 
 
 def resolve_seed(seed: int | None, config: SerifConfig) -> int:
@@ -52,6 +74,7 @@ class Serif:
         self.on_records = on_records
         self.driver: Driver | None = None
         self._summary: dict[str, Any] | None = None
+        self._redis: Any = None  # RedisHandle, when this run needs Redis
         if not client.asynchronous:
             self.client.sync(self.install)
 
@@ -60,8 +83,39 @@ class Serif:
         await self.client.run_on_scheduler(install_scheduler_plugin)
         await self.client.register_plugin(SerifWorkerPlugin())
 
-    def options(self, duration: float, stop_grace_s: float = 3.0) -> RunOptions:
+    @property
+    def needs_redis(self) -> bool:
+        """Real models keep their weights (and cross-node inputs) in Redis."""
+        return any(not p.use_profile for a in self.config.apps for p in a.model_profiles)
+
+    def prepare_redis(self) -> dict[str, Any] | None:
+        """Reach (or start, embedded) the run's Redis and push any weights it lacks."""
+        if not self.needs_redis:
+            return None
+        if self._redis is None:
+            from serif_dask.redis_server import ensure_redis
+
+            self._redis = ensure_redis(self.config.system)
+        push_weights(self.config, self._redis.connect())
+        return {"nodes": [list(n) for n in self._redis.nodes], "password": self._redis.password}
+
+    def close(self) -> None:
+        """Stop what this object started (an embedded redis-server)."""
+        if self._redis is not None:
+            self._redis.stop()
+            self._redis = None
+
+    def __enter__(self) -> Serif:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def options(
+        self, duration: float, stop_grace_s: float = 3.0, redis: dict[str, Any] | None = None
+    ) -> RunOptions:
         return RunOptions(
+            redis=redis,
             duration=float(duration),
             policy=self.policy,
             data_aware=bool(self.data_aware),
@@ -76,7 +130,9 @@ class Serif:
         if duration is None:
             duration = self.config.system.duration_in_secs
         await self.install()
-        self.driver = Driver(self.client, self.config, self.options(duration))
+        loop = asyncio.get_running_loop()
+        redis = await loop.run_in_executor(None, self.prepare_redis)
+        self.driver = Driver(self.client, self.config, self.options(duration, redis=redis))
         self._summary = await self.driver.run(progress)
         return self._summary
 

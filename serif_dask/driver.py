@@ -24,7 +24,7 @@ from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.config import Application, SerifConfig
 from serif_dask.records import Chunk, RecordLog, completed_utility, summary
-from serif_dask.tasks import fit_task, peek_task, read_task, score_task
+from serif_dask.tasks import export_task, fit_task, peek_task, read_task, score_task
 
 logger = logging.getLogger("serif_dask.driver")
 
@@ -46,6 +46,7 @@ class RunOptions:
     records_path: Path | None = None
     on_records: Callable[[list[dict[str, Any]]], None] | None = None
     stop_grace_s: float = 3.0
+    redis: dict[str, Any] | None = field(default=None, repr=False)  # nodes and password
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Driver:
             policy=self.options.policy,
             data_aware=self.options.data_aware,
             seed=self.options.seed,
+            redis=self.options.redis,
         )
         data = await self._data_workers()
         for app in self.config.apps:
@@ -275,9 +277,8 @@ class Driver:
         data = {w["node"]: w for w in workers if w["role"] == "data"}
         peek_mod = peek_modality(config, app)
         mods = sorted({p.modality for p in app.model_profiles} | {peek_mod})
-        needs_samples = {
-            m: m == peek_mod
-            or any(p.modality == m and not p.use_profile for p in app.model_profiles)
+        shared = {
+            m: any(p.modality == m and not p.use_profile for p in app.model_profiles)
             for m in mods
         }
         reads: dict[str, list[tuple[str, Future]]] = {m: [] for m in mods}
@@ -294,7 +295,7 @@ class Driver:
                 input_node[mod][owned] = worker["host_node"]
                 fut = client.submit(
                     read_task, self.run_id, app.name, mod, server, owned.tolist(), tick,
-                    needs_samples[mod],
+                    mod == peek_mod, shared[mod],
                     key=f"serif-read-{self.run_id}-{app.name}-{tick}-{server}-{mod}",
                     workers=[worker["address"]], allow_other_workers=False, pure=False,
                 )
@@ -344,11 +345,16 @@ class Driver:
             record(self._chunk(app, tick, dropped, arrival, "dropped", plan["drop_reason"]))
 
         batches: dict[Future, dict[str, Any]] = {}
+        host_node = {w["address"]: w["host_node"] for w in workers}
         for batch in plan["batches"]:
             profile = next(p for p in app.model_profiles if p.name == batch["model"])
+            exports = []
+            if not profile.use_profile:
+                exports = self._exports(app, tick, profile.modality, batch, reads, data,
+                                        host_node, futures)
             fut = client.submit(
                 score_task, self.run_id, app.name, batch["model"], batch["groups"],
-                [f for _, f in reads[profile.modality]], tick,
+                [f for _, f in reads[profile.modality]], tick, exports,
                 key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
                 resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)),
                 pure=False,
@@ -356,6 +362,30 @@ class Driver:
             futures.append(fut)
             batches[fut] = batch
         await self._collect(app, tick, arrival, batches, pi_by_group, record, fail)
+
+    def _exports(
+        self, app: Application, tick: int, modality: str, batch: dict[str, Any],
+        reads: dict[str, list[tuple[str, Future]]], data: dict[str, dict[str, Any]],
+        host_node: dict[str, str], futures: list[Future],
+    ) -> list[Future]:
+        """Inputs whose data node is not the batch worker's node go through Redis."""
+        exports = []
+        groups = np.asarray(batch["groups"], dtype=np.int64)
+        for server, read in reads[modality]:
+            if data[server]["host_node"] == host_node.get(batch["worker"]):
+                continue
+            owned = np.asarray(self.config.groups_of(server, modality), dtype=np.int64)
+            mine = groups[np.isin(groups, owned)]
+            if mine.size == 0:
+                continue
+            fut = self.client.submit(
+                export_task, read, mine.tolist(), 2 * app.sla_latency + GRACE_S,
+                key=f"serif-export-{self.run_id}-{app.name}-{tick}-{server}-{batch['key']}",
+                workers=[data[server]["address"]], allow_other_workers=False, pure=False,
+            )
+            futures.append(fut)
+            exports.append(fut)
+        return exports
 
     async def _collect(
         self, app: Application, tick: int, arrival: float,

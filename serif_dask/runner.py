@@ -107,6 +107,9 @@ async def run_deployment(
             status = _signal_status(stopped)
         return summary, status
     finally:
+        if serif is not None:
+            with contextlib.suppress(Exception):
+                serif.close()
         if client is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.close(), timeout=10)

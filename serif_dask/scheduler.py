@@ -106,6 +106,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.slack = 1.0
         self.config: SerifConfig | None = None
         self.config_bytes: bytes | None = None
+        self.redis_info: dict[str, Any] | None = None  # never logged: may hold a password
         self.run_id: str | None = None
         self.table: ModelTable | None = None
         self.policy_name = ""
@@ -192,6 +193,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         policy: str,
         data_aware: bool,
         seed: int,
+        redis: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Start a run: install its config and policy and reset every per-run state."""
         parsed: SerifConfig = loads(config)
@@ -200,6 +202,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.table = ModelTable.from_config(parsed)
         self.policy_name, self.policy = policy, policy_obj
         self.data_aware, self.seed = bool(data_aware), int(seed)
+        self.redis_info = redis
         self.run_started = time.time()
         self.slack = max(app.sla_latency for app in parsed.apps)
         self.beliefs = {
@@ -226,7 +229,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         """Workers pull the run's config lazily, on their first task of a run."""
         if self.config_bytes is None or (run_id is not None and run_id != self.run_id):
             return {"run_id": self.run_id, "config": None}
-        return {"run_id": self.run_id, "config": self.config_bytes, "seed": self.seed}
+        return {
+            "run_id": self.run_id, "config": self.config_bytes, "seed": self.seed,
+            "redis": self.redis_info,
+        }
 
     def warm_update(self, worker: str, node: str, warm: list[str]) -> None:
         """A worker plugin reports its shared-memory node and its warm models (LRU order)."""

@@ -33,7 +33,8 @@ class ReadResult:
     groups: np.ndarray  # int (n,)
     labels: np.ndarray  # int (n,), -1 unknown
     errors: dict[int, str] = field(default_factory=dict)  # group -> reason
-    input_key: str | None = None  # where the samples are kept, when they were read
+    input_key: str | None = None  # samples kept in the data worker's memory, for peeks
+    refs: tuple | None = None  # per group: SlotRef in the node's shared-memory cache
 
 
 def _app(config: SerifConfig, name: str) -> Application:
@@ -77,25 +78,39 @@ def _reason(exc: BaseException) -> str:
 
 def read_task(
     run_id: str, app: str, modality: str, server: str, groups: list[int], tick: int,
-    keep_samples: bool,
+    peek: bool, share: bool,
 ) -> ReadResult:
-    """Read one sample per group; keep the samples on this node when someone needs them."""
+    """Read one sample per group; keep samples for the peek, share them for scoring."""
+    from serif_dask import dataplane
+
     plugin = current_plugin()
     config = plugin.ensure_run(run_id)
     reader = _reader(plugin, config, app, modality, server)
     group_arr = np.asarray(groups, dtype=np.int64)
-    samples, labels, errors = _call_reader(reader, group_arr, tick, keep_samples)
-    input_key = None
-    if keep_samples and samples is not None:
+    samples, labels, errors = _call_reader(reader, group_arr, tick, peek or share)
+    input_key = refs = None
+    if samples is not None:
         bad = ~np.all(np.isfinite(samples.reshape(len(group_arr), -1)), axis=1)
         for g in group_arr[bad]:
             errors.setdefault(int(g), "bad-input: sample holds NaN or inf")
-        input_key = plugin.inputs.put((run_id, app, modality, server, tick), samples)
+        if peek:
+            input_key = plugin.inputs.put((run_id, app, modality, server, tick), samples)
+        if share:
+            refs = tuple(
+                dataplane.put_samples(plugin, config, modality, server, samples, group_arr, errors)
+            )
     return ReadResult(
         app=app, modality=modality, server=server, tick=tick,
         worker=plugin.worker.address if plugin.worker else "", node=plugin.node,
-        groups=group_arr, labels=labels, errors=errors, input_key=input_key,
+        groups=group_arr, labels=labels, errors=errors, input_key=input_key, refs=refs,
     )
+
+
+def export_task(read: ReadResult, groups: list[int], ttl_s: float) -> dict[int, str]:
+    """On the data worker: put inputs bound for another node into Redis."""
+    from serif_dask import dataplane
+
+    return dataplane.export_inputs(current_plugin(), read, groups, ttl_s)
 
 
 def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) -> Any:
@@ -121,7 +136,7 @@ def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
 
 def score_task(
     run_id: str, app: str, model: str, groups: list[int], reads: list[ReadResult],
-    tick: int,
+    tick: int, exports: list[dict[int, str]] | None = None,
 ) -> dict[str, Any]:
     """Run one model over its batch of groups on this (GPU) worker, in profile mode or real."""
     from serif_dask.models.profile import ProfileModel
@@ -147,6 +162,9 @@ def score_task(
             if int(g) in read.errors:
                 errors[int(g)] = read.errors[int(g)]
 
+    if not profile.use_profile:
+        return _score_real(plugin, app_cfg, profile, group_arr, labels, errors, reads,
+                           exports or [], started, worker_name)
     latency = profile.latencies.get(worker_name)
     if latency is None:
         raise RuntimeError(f"serif: model {model} has no latency profile for node {worker_name}")
@@ -186,4 +204,42 @@ def score_task(
         "finish": finished,
         "worker": worker_name,
         "model": model,
+    }
+
+
+def _score_real(
+    plugin: Any, app_cfg: Application, profile: Any, groups: np.ndarray, labels: np.ndarray,
+    errors: dict[int, str], reads: list[ReadResult], exports: list[dict[int, str]],
+    started: float, worker_name: str,
+) -> dict[str, Any]:
+    """A real model: inputs from shared memory (or Redis), one batched forward."""
+    from serif_dask import dataplane
+
+    samples, fetch_s = dataplane.gather_inputs(plugin, groups, reads, exports, errors)
+    ok = np.asarray([int(g) not in errors for g in groups], dtype=bool)
+    pred = np.full(len(groups), -1, dtype=np.int64)
+    if samples is not None and ok.any():
+        try:
+            model, _ = dataplane.load_model(plugin, app_cfg, profile)
+        except Exception as exc:  # Redis down, weights missing or corrupted
+            reason = f"weights-unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+            errors.update({int(g): reason for g in groups[ok]})
+        else:
+            try:
+                pred[ok] = dataplane.forward(model, samples[ok])
+            except Exception as exc:
+                reason = f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+                errors.update({int(g): reason for g in groups[ok]})
+        ok = np.asarray([int(g) not in errors for g in groups], dtype=bool)
+    return {
+        "groups": groups,
+        "pred": pred,
+        "labels": labels,
+        "ok": ok,
+        "errors": errors,
+        "start": started,
+        "finish": time.time(),
+        "worker": worker_name,
+        "model": profile.name,
+        "retrieval_s": fetch_s,
     }

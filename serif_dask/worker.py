@@ -108,6 +108,9 @@ class SerifWorkerPlugin(WorkerPlugin):
         self.readers: dict[tuple[str, str, str], Any] = {}
         self.models = ModelCache()
         self.inputs = LocalInputs()
+        self.shm: dict[str, Any] = {}  # modality -> ShmCache this worker owns
+        self.redis: Any = None
+        self.redis_info: dict[str, Any] | None = None
         self.seed = 0
         self.lock = threading.RLock()
 
@@ -123,8 +126,27 @@ class SerifWorkerPlugin(WorkerPlugin):
 
     def teardown(self, worker: Worker) -> None:
         worker.handlers.pop("serif_describe", None)
+        self._end_run()
+
+    def _end_run(self) -> None:
+        """Drop the previous run's readers, inputs, segments and connections."""
+        from serif_dask import datapath
+
         self.readers.clear()
         self.inputs.clear()
+        for cache in self.shm.values():
+            try:
+                cache.close()
+            except Exception:
+                logger.debug("serif: closing a shared-memory cache failed", exc_info=True)
+        self.shm.clear()
+        datapath.detach_all()
+        if self.redis is not None:
+            try:
+                self.redis.close()
+            except Exception:
+                logger.debug("serif: closing Redis failed", exc_info=True)
+        self.redis = None
 
     def describe(self) -> dict[str, Any]:
         return {"node": self.node, "warm": self.models.names(), "run_id": self.run_id}
@@ -140,10 +162,10 @@ class SerifWorkerPlugin(WorkerPlugin):
             if reply.get("config") is None:
                 raise RuntimeError(f"serif: run {run_id} is not configured on the scheduler")
             config: SerifConfig = loads(reply["config"])
+            self._end_run()
             self.config, self.run_id = config, run_id
             self.seed = int(reply["seed"])
-            self.readers.clear()
-            self.inputs.clear()
+            self.redis_info = reply.get("redis")
             capacity = None
             for node in config.system.compute_nodes:
                 if node.name == str(self.worker.name):
