@@ -1,0 +1,116 @@
+"""Helpers shared by the cluster benchmarks: derived configs, task-stream keys, machine.
+
+Benchmarks derive their workloads from ``configs/hospital`` by editing a copy of its JSON
+files, so a reader can diff what a bench changed against the example everybody runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask
+import distributed
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+HOSPITAL = ROOT / "configs" / "hospital"
+FILES = ("system", "application", "data")
+
+#: Key prefixes of the tick graph's tasks (see ``serif_dask/driver.py``); each is
+#: ``<prefix><run_id>-<app>-<tick>-...``.
+TICK_PREFIXES = ("serif-read-", "serif-peek-", "serif-score-")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+    }
+
+
+def load_docs(base: Path = HOSPITAL) -> dict[str, dict[str, Any]]:
+    """The three JSON documents of a config directory."""
+    return {name: json.loads((base / f"{name}.json").read_text()) for name in FILES}
+
+
+def write_config(docs: dict[str, dict[str, Any]], target: Path) -> Path:
+    """Write the three documents into ``target`` (a directory ``load_config`` accepts)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        (target / f"{name}.json").write_text(json.dumps(docs[name], indent=1))
+    return target
+
+
+def derive(
+    target: Path,
+    *,
+    num_groups: int | None = None,
+    latency: Callable[[float, float], tuple[float, float]] | None = None,
+    shapes: dict[str, list[int]] | None = None,
+    sample_duration: float | None = None,
+    retrieval: float | None = None,
+    base: Path = HOSPITAL,
+) -> Path:
+    """A copy of ``base`` with some knobs changed, written to ``target``.
+
+    ``latency(infer, switch) -> (infer, switch)`` rewrites every model profile's latencies;
+    ``shapes`` replaces modalities' ``synthetic-shape``; ``sample_duration`` sets every
+    application's tick period; ``retrieval`` sets every modality's retrieval latency.
+    """
+    docs = copy.deepcopy(load_docs(base))
+    if num_groups is not None:
+        docs["data"]["num-groups"] = int(num_groups)
+    for app in docs["application"]["applications"]:
+        if sample_duration is not None:
+            app["sample-duration"] = sample_duration
+        if latency is not None:
+            for profile in app["model-profiles"]:
+                profile["latencies"] = {
+                    node: list(latency(float(v[0]), float(v[1])))
+                    for node, v in profile["latencies"].items()
+                }
+    for mod in docs["data"]["data-modalities"]:
+        if shapes and mod["name"] in shapes:
+            mod["synthetic-shape"] = list(shapes[mod["name"]])
+            mod["cache-entry-size"] = max(4 * int(np.prod(shapes[mod["name"]])), 1024)
+        if retrieval is not None:
+            mod["retrieval-latencies"] = dict.fromkeys(mod["retrieval-latencies"], retrieval)
+    return write_config(docs, target)
+
+
+_KEY = re.compile(r"^(serif-(?:read|peek|score))-([0-9a-f]+)-(.+)-(\d+)-")
+
+
+def parse_key(key: str, apps: tuple[str, ...]) -> tuple[str, str, str, int] | None:
+    """(kind, run_id, app, tick) of a tick-graph task key, or None for other keys.
+
+    App names may hold dashes, so the app is matched against the config's names.
+    """
+    match = _KEY.match(str(key))
+    if match is None:
+        return None
+    kind, run_id, rest = match.group(1), match.group(2), str(key)[match.end(2) + 1 :]
+    for app in sorted(apps, key=len, reverse=True):
+        if rest.startswith(app + "-"):
+            tick = rest[len(app) + 1 :].split("-", 1)[0]
+            if tick.isdigit():
+                return kind.removeprefix("serif-"), run_id, app, int(tick)
+    return None
+
+
+def emit(result: dict[str, Any]) -> None:
+    """Print the result as the last line of output (what ``make bench`` and CI read)."""
+    print(json.dumps(result), flush=True)
