@@ -111,6 +111,35 @@ def run(
         sys.exit(status)
 
 
+@cli.command()
+@click.argument("records", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="serif-report",
+              show_default=True, help="Directory for report.html, PNGs and summary.json.")
+@click.option("--label", "labels", multiple=True,
+              help="Name of each run, in the order of RECORDS (default: file names).")
+@click.option("--config", "config_paths", multiple=True, type=click.Path(),
+              help="The runs' config, for deadline met (records do not hold SLAs).")
+def report(
+    records: tuple[str, ...], out_dir: str, labels: tuple[str, ...],
+    config_paths: tuple[str, ...],
+) -> None:
+    """Summarise and plot RECORDS (JSONL from run --records); several runs are compared."""
+    from rich.console import Console
+
+    from serif_dask.report import make_report
+
+    sla = None
+    if config_paths:
+        sla = {app.name: app.sla_latency for app in _load(config_paths).apps}
+    try:
+        result = make_report([Path(r) for r in records], Path(out_dir), labels=labels,
+                             sla=sla, console=Console(width=None if sys.stdout.isatty() else 160))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="RECORDS") from None
+    click.echo("wrote " + ", ".join(str(p) for p in result["files"]))
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A few lines for people; the JSON file has everything."""
     lat = summary["latency_ms"]
