@@ -91,7 +91,7 @@ def derive(
     return write_config(docs, target)
 
 
-_KEY = re.compile(r"^(serif-(?:read|peek|score))-([0-9a-f]+)-(.+)-(\d+)-")
+_KEY = re.compile(r"^(serif-(?:read|peek|score))-([0-9a-f]+)-(.+)-(\d+)(?:\.\d+)?-")
 
 
 def parse_key(key: str, apps: tuple[str, ...]) -> tuple[str, str, str, int] | None:
@@ -105,7 +105,8 @@ def parse_key(key: str, apps: tuple[str, ...]) -> tuple[str, str, str, int] | No
     kind, run_id, rest = match.group(1), match.group(2), str(key)[match.end(2) + 1 :]
     for app in sorted(apps, key=len, reverse=True):
         if rest.startswith(app + "-"):
-            tick = rest[len(app) + 1 :].split("-", 1)[0]
+            # score keys may carry a re-plan attempt: ``<tick>.<attempt>``
+            tick = rest[len(app) + 1 :].split("-", 1)[0].split(".", 1)[0]
             if tick.isdigit():
                 return kind.removeprefix("serif-"), run_id, app, int(tick)
     return None
