@@ -10,6 +10,7 @@ loop and accounts for every request, whatever happens to its tasks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -54,6 +55,22 @@ class RunStats:
     ticks: int = 0
     ticks_late: int = 0
     decision_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _TickContext:
+    """What a tick's later steps (scoring, re-planning) need from its earlier ones."""
+
+    app: Application
+    tick: int
+    arrival: float  # wall time the samples were taken
+    logical: float  # the same on the run's logical clock
+    reads: dict[str, list[tuple[str, Future]]]
+    data: dict[str, dict[str, Any]]
+    host_node: dict[str, str]
+    input_node: dict[str, np.ndarray]
+    futures: list[Future]
+    attempt: int = 0
 
 
 def peek_modality(config: SerifConfig, app: Application) -> str:
@@ -344,24 +361,11 @@ class Driver:
         if dropped.size:
             record(self._chunk(app, tick, dropped, arrival, "dropped", plan["drop_reason"]))
 
-        batches: dict[Future, dict[str, Any]] = {}
         host_node = {w["address"]: w["host_node"] for w in workers}
-        for batch in plan["batches"]:
-            profile = next(p for p in app.model_profiles if p.name == batch["model"])
-            exports = []
-            if not profile.use_profile:
-                exports = self._exports(app, tick, profile.modality, batch, reads, data,
-                                        host_node, futures)
-            fut = client.submit(
-                score_task, self.run_id, app.name, batch["model"], batch["groups"],
-                [f for _, f in reads[profile.modality]], tick, exports,
-                key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
-                resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)),
-                pure=False,
-            )
-            futures.append(fut)
-            batches[fut] = batch
-        await self._collect(app, tick, arrival, batches, pi_by_group, record, fail)
+        ctx = _TickContext(app, tick, arrival, logical, reads, data, host_node,
+                           input_node, futures)
+        batches = self._submit_batches(ctx, plan["batches"])
+        await self._collect(ctx, batches, pi_by_group, record, fail)
 
     def _exports(
         self, app: Application, tick: int, modality: str, batch: dict[str, Any],
@@ -387,12 +391,50 @@ class Driver:
             exports.append(fut)
         return exports
 
+    def _submit_batches(
+        self, ctx: _TickContext, plan_batches: list[dict[str, Any]]
+    ) -> dict[Future, dict[str, Any]]:
+        """One score task per (worker, model) batch, pinned to its GPU worker."""
+        app, batches = ctx.app, {}
+        for batch in plan_batches:
+            profile = next(p for p in app.model_profiles if p.name == batch["model"])
+            exports = []
+            if not profile.use_profile:
+                exports = self._exports(app, ctx.tick, profile.modality, batch, ctx.reads,
+                                        ctx.data, ctx.host_node, ctx.futures)
+            fut = self.client.submit(
+                score_task, self.run_id, app.name, batch["model"], batch["groups"],
+                [f for _, f in ctx.reads[profile.modality]], ctx.tick, exports,
+                key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
+                resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)),
+                pure=False,
+            )
+            ctx.futures.append(fut)
+            batches[fut] = batch
+        return batches
+
+    async def _replan(
+        self, ctx: _TickContext, groups: np.ndarray
+    ) -> tuple[dict[Future, dict[str, Any]], np.ndarray]:
+        """Plan a lost worker's requests again on the survivors; returns (batches, dropped)."""
+        ctx.attempt += 1
+        now = time.time() - self.started
+        plan = await self.client.scheduler.serif_plan(
+            app=ctx.app.name, tick=ctx.tick, groups=groups.tolist(),
+            arrival=[ctx.logical] * groups.size, scores=None,
+            input_node={m: nodes[groups].tolist() for m, nodes in ctx.input_node.items()},
+            now=max(now, ctx.logical + PIPELINE_S), started=self.started, attempt=ctx.attempt,
+        )
+        self.stats.decision_ms.append(plan["decision_ms"])
+        return (self._submit_batches(ctx, plan["batches"]),
+                np.asarray(plan["dropped"], dtype=np.int64))
+
     async def _collect(
-        self, app: Application, tick: int, arrival: float,
-        batches: dict[Future, dict[str, Any]], pi: np.ndarray,
+        self, ctx: _TickContext, batches: dict[Future, dict[str, Any]], pi: np.ndarray,
         record: Callable[[Chunk], None], fail: Callable[..., None],
     ) -> None:
-        """Record each batch as it finishes; fail batches whose worker is gone."""
+        """Record each batch as it finishes; re-plan (or fail) batches whose worker is gone."""
+        app, tick, arrival = ctx.app, ctx.tick, ctx.arrival
         waiting = {asyncio.ensure_future(self._result(f)): f for f in batches}
         while waiting:
             done, _ = await asyncio.wait(waiting, timeout=1.0, return_when="FIRST_COMPLETED")
@@ -409,12 +451,28 @@ class Driver:
                 alive = {w["address"] for w in await self._workers()}
                 for task, fut in list(waiting.items()):
                     batch = batches[fut]
-                    if batch["worker"] not in alive:
-                        task.cancel()
-                        fut.cancel()
-                        del waiting[task]
-                        fail(np.asarray(batch["groups"], dtype=np.int64), "worker-lost",
+                    if batch["worker"] in alive:
+                        continue
+                    task.cancel()
+                    with contextlib.suppress(Exception):
+                        await self.client.cancel([fut], asynchronous=True)
+                    del waiting[task]
+                    lost = np.asarray(batch["groups"], dtype=np.int64)
+                    logger.warning("serif: worker %s lost with %d requests of %s tick %d",
+                                   batch["worker"], lost.size, app.name, tick)
+                    if time.time() - arrival >= 2 * app.sla_latency or ctx.attempt >= 3:
+                        fail(lost, "worker-lost", batch["model"], batch["worker"])
+                        continue
+                    try:
+                        again, dropped = await self._replan(ctx, lost)
+                    except Exception as exc:
+                        fail(lost, f"worker-lost: re-plan failed: {exc}"[:200],
                              batch["model"], batch["worker"])
+                        continue
+                    if dropped.size:
+                        fail(dropped, "worker-lost", batch["model"], batch["worker"])
+                    batches.update(again)
+                    waiting.update({asyncio.ensure_future(self._result(f)): f for f in again})
 
     @staticmethod
     async def _result(fut: Future) -> tuple[Any, str | None]:

@@ -252,6 +252,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         input_node: dict[str, list[str]],
         now: float,
         started: float,
+        attempt: int = 0,
     ) -> dict[str, Any]:
         """Pick a model and worker per request of one application's tick.
 
@@ -297,7 +298,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         else:
             loop = asyncio.get_running_loop()
             plan = await loop.run_in_executor(self._executor, self.policy, problem)
-        batches = self._commit(app_table.name, tick, problem, plan, view)
+        batches = self._commit(app_table.name, f"{tick}.{attempt}", problem, plan, view)
         decision_ms = (time.perf_counter() - t0) * 1000.0
         self.decision_ms.append(decision_ms)
         dropped = groups_arr[np.asarray(plan.model) == DROP]
@@ -411,7 +412,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         )
 
     def _commit(
-        self, app: str, tick: int, problem: Any, plan: Plan, view: WorkerView
+        self, app: str, tick: str, problem: Any, plan: Plan, view: WorkerView
     ) -> list[dict[str, Any]]:
         """Group a plan into one batch per (worker, model) and book the work it adds."""
         model = np.asarray(plan.model)
