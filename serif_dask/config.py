@@ -178,49 +178,41 @@ _EXPECTED = {
 }
 
 
-def _describe(err: Mapping[str, Any], *, secret: bool) -> tuple[tuple[str | int, ...], str]:
-    """Turn one pydantic error into (extra path, message)."""
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+
+
+def _describe(err: Mapping[str, Any], *, secret: bool) -> str:
+    """The message for one pydantic error, in the words of a JSON file's author."""
     kind = err["type"]
     ctx = err.get("ctx") or {}
     value = "a value" if secret else _show(err.get("input"))
-    loc = tuple(err["loc"])
     if kind == "serif":
-        return tuple(ctx.get("at", ())), str(ctx["message"])
+        return str(ctx["message"])
     if kind == "missing":
-        if loc and isinstance(loc[-1], int):
-            return (), "too few entries"
-        return (), "missing key"
+        loc = err["loc"]
+        return "too few entries" if loc and isinstance(loc[-1], int) else "missing key"
     if kind in _EXPECTED:
-        return (), f"expected {_EXPECTED[kind]}, got {value}"
-    bounds = {
-        "greater_than": ">",
-        "greater_than_equal": ">=",
-        "less_than": "<",
-        "less_than_equal": "<=",
-    }
-    if kind in bounds:
-        limit = next(iter(v for k, v in ctx.items() if k in ("gt", "ge", "lt", "le")))
-        limit = f"{limit:g}" if isinstance(limit, float) else limit
-        return (), f"must be {bounds[kind]} {limit}, got {value}"
+        return f"expected {_EXPECTED[kind]}, got {value}"
+    if kind in _BOUNDS:
+        key, op = _BOUNDS[kind]
+        limit = ctx[key]
+        return f"must be {op} {limit:g}, got {value}"
     if kind == "finite_number":
-        return (), f"expected a finite number, got {value}"
+        return f"expected a finite number, got {value}"
+    if kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+        return "must not be empty"
     if kind == "too_short":
-        if ctx.get("min_length") == 1:
-            return (), "must not be empty"
-        return (
-            (),
-            f"expected at least {ctx.get('min_length')} entries, got {ctx.get('actual_length')}",
-        )
+        return f"expected at least {ctx['min_length']} entries, got {ctx['actual_length']}"
     if kind == "too_long":
-        return (
-            (),
-            f"expected at most {ctx.get('max_length')} entries, got {ctx.get('actual_length')}",
-        )
-    if kind == "string_too_short":
-        return (), "must not be empty"
+        return f"expected at most {ctx['max_length']} entries, got {ctx['actual_length']}"
     if kind == "value_error":
-        return (), str(ctx.get("error", err["msg"]))
-    return (), str(err["msg"])
+        return str(ctx.get("error", err["msg"]))
+    return str(err["msg"])
 
 
 def _convert(
@@ -228,20 +220,19 @@ def _convert(
 ) -> ConfigError:
     """The first error of a pydantic ValidationError, as a one-line ConfigError."""
     err = exc.errors(include_url=False)[0]
-    loc = [p for p in err["loc"]]
+    loc = list(err["loc"])
     key_error = bool(loc) and loc[-1] == "[key]"
     if key_error:
         loc.pop()
     if err["type"] == "missing" and loc and isinstance(loc[-1], int):
         loc.pop()  # a fixed-length list (a latency pair) that is too short
-    secret = any(p == "password" for p in loc)
-    at, message = _describe(err, secret=secret)
-    kind = (err.get("ctx") or {}).get("file") if err["type"] == "serif" else None
-    if kind:
-        parts: tuple[str | int, ...] = at
-    else:
-        kind = default_kind
-        parts = (*loc, *at)
+    message = _describe(err, secret="password" in loc)
+    ctx = (err.get("ctx") or {}) if err["type"] == "serif" else {}
+    kind = ctx.get("file") or default_kind
+    # A cross-file check gives the full path from its file's root; others extend ``loc``.
+    parts: tuple[str | int, ...] = (
+        tuple(ctx.get("at", ())) if ctx.get("file") else (*loc, *ctx.get("at", ()))
+    )
     if key_error:
         message = f"invalid key: {message}"
     file = files.get(kind, DEFAULT_FILE_NAMES.get(kind, kind))
@@ -298,7 +289,7 @@ def _check_impl(value: str) -> str:
 
 def _port(value: Any) -> Any:
     # SERIF writes ports as strings ("2228"); accept those and ints, nothing else.
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"expected a port number, got {_show(value)}")
@@ -345,20 +336,18 @@ def _duplicates(names: Sequence[str]) -> Iterable[tuple[int, int]]:
             first.setdefault(name, i)
 
 
-def _ranges(numbers: Iterable[int]) -> str:
-    """``[1, 2, 3, 7]`` -> ``"1-3, 7"``, to keep messages about many groups short."""
+def _gaps(present: Iterable[int], n: int, limit: int = 5) -> str:
+    """The numbers in ``0..n-1`` missing from ``present``, as ranges: ``"1, 3-9, 12"``.
+
+    Works from the gaps between present numbers, so a huge ``n`` costs nothing.
+    """
     out: list[str] = []
-    run: list[int] = []
-    for n in sorted(numbers):
-        if run and n == run[-1] + 1:
-            run.append(n)
-            continue
-        if run:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-        run = [n]
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ", ".join(out)
+    start = 0
+    for p in [*sorted(set(present)), n]:
+        if p > start:
+            out.append(str(start) if p - 1 == start else f"{start}-{p - 1}")
+        start = p + 1
+    return ", ".join(out[:limit]) + (", ..." if len(out) > limit else "")
 
 
 class _Frozen(BaseModel):
@@ -718,9 +707,10 @@ class DataConfig(_Frozen):
     data_modalities: tuple[Modality, ...] = Field(min_length=1)
     servers: tuple[Server, ...] = Field(min_length=1)
 
-    # modality -> reading server's index per group; derived from the fields when validated
-    # (so equal configs compare equal), hence not updated by ``model_copy(update=...)``.
-    _readers: dict[str, tuple[int, ...]] = PrivateAttr(default_factory=dict)
+    # modality -> {group: server index} for groups that some server's ``streams`` list.
+    # Derived from the fields when validated (so equal configs compare equal); not updated
+    # by ``model_copy(update=...)``, which skips validation.
+    _listed: dict[str, dict[int, int]] = PrivateAttr(default_factory=dict)
 
     @property
     def modality_names(self) -> tuple[str, ...]:
@@ -730,11 +720,25 @@ class DataConfig(_Frozen):
     def server_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.servers)
 
-    def reader_indices(self, modality: str) -> tuple[int, ...]:
-        """For each group, the index of the server that reads its ``modality``."""
-        if modality not in self._readers:
+    def reader_index(self, group: int, modality: str) -> int:
+        """Index in ``servers`` of the server that reads ``group``'s ``modality``."""
+        if modality not in self._listed:
             raise KeyError(f"unknown modality {modality!r}")
-        return self._readers[modality]
+        if not 0 <= group < self.num_groups:
+            raise KeyError(f"group {group} is out of range (num-groups {self.num_groups})")
+        return self._listed[modality].get(group, group % len(self.servers))
+
+    def reader_indices(self, modality: str) -> np.ndarray:
+        """int array (num_groups,): for each group, the index of the server reading it."""
+        if modality not in self._listed:
+            raise KeyError(f"unknown modality {modality!r}")
+        owners = np.arange(self.num_groups) % len(self.servers)
+        listed = self._listed[modality]
+        if listed:
+            owners[np.fromiter(listed, int, len(listed))] = np.fromiter(
+                listed.values(), int, len(listed)
+            )
+        return owners
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -784,18 +788,17 @@ class DataConfig(_Frozen):
                             modality,
                             str(group),
                         )
-        n_servers = len(self.servers)
-        self._readers = {
-            m: tuple(owners.get((m, g), g % n_servers) for g in range(self.num_groups))
-            for m in self.modality_names
-        }
+        self._listed = {m: {} for m in self.modality_names}
+        for (modality, group), s in owners.items():
+            self._listed[modality][group] = s
         for i, modality in enumerate(self.data_modalities):
             if modality.use_synthetic_data:
                 continue
-            missing = [g for g in range(self.num_groups) if (modality.name, g) not in owners]
-            if missing:
+            listed = self._listed[modality.name]
+            if len(listed) < self.num_groups:
                 _fail(
-                    f"is false, but no server has a stream for group(s) {_ranges(missing)} "
+                    "is false, but no server has a stream for group(s) "
+                    f"{_gaps(listed, self.num_groups)} "
                     f"under streams.{modality.name}",
                     "data-modalities",
                     i,
@@ -863,17 +866,14 @@ class SerifConfig(_Frozen):
 
     def group_server(self, group: int, modality: str) -> str:
         """The server that reads ``group``'s input of ``modality``."""
-        if not 0 <= group < self.data.num_groups:
-            raise KeyError(f"group {group} is out of range (num-groups {self.data.num_groups})")
-        return self.data.servers[self.data.reader_indices(modality)[group]].name
+        return self.data.servers[self.data.reader_index(group, modality)].name
 
     def groups_of(self, server: str, modality: str) -> tuple[int, ...]:
         """The groups whose ``modality`` input ``server`` reads, ascending."""
         if server not in self.server_names:
             raise KeyError(f"unknown server {server!r}")
-        index = self.server_names.index(server)
         owners = self.data.reader_indices(modality)
-        return tuple(g for g, s in enumerate(owners) if s == index)
+        return tuple(np.flatnonzero(owners == self.server_names.index(server)).tolist())
 
     def to_json_dicts(self, *, include_secrets: bool = False) -> dict[str, dict[str, Any]]:
         """The three files as JSON-ready dicts with SERIF's keys (loadable again).

@@ -1007,3 +1007,21 @@ def test_mutations_give_a_config_or_one_line_error(mutations, simulate, check_fi
     else:
         assert isinstance(loaded, SerifConfig)
         hash(loaded)
+
+
+def test_many_groups_cost_nothing_to_validate():
+    cfg = put(base(), ("data", "num-groups"), 10**12)
+    loaded = load(cfg)
+    assert loaded.group_server(10**12 - 1, "audio") == "s2"
+    real_video(cfg, Path("/nonexistent"), groups=[0, 1, 5])
+    assert error(cfg) == (
+        "data.json: data-modalities[0].use-synthetic-data: is false, but no server has a stream "
+        "for group(s) 2-4, 6-999999999999 under streams.video"
+    )
+
+
+def test_not_utf8(tmp_path):
+    write(tmp_path, base())
+    (tmp_path / "system.json").write_bytes(b'{"seed": "\xff"}')
+    with pytest.raises(ConfigError, match=r"^system.json: \(top level\): not UTF-8 text"):
+        load_config(tmp_path)
