@@ -110,6 +110,7 @@ class Reader(ABC):
 # --------------------------------------------------------------------------- registry
 _BUILTINS: dict[str, str] = {
     "synthetic": "serif_dask.readers.synthetic:SyntheticReader",
+    "digits": "serif_dask.readers.digits:DigitsReader",
     ".npy": "serif_dask.readers.files:NpyReader",
     ".wav": "serif_dask.readers.files:WavReader",
     ".csv": "serif_dask.readers.files:CsvReader",

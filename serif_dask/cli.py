@@ -166,6 +166,78 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli.command()
+@click.argument("config", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write application.json and profile.json (raw measurements) here; "
+              "default: print application.json.")
+@click.option("--batch-sizes", default=",".join(map(str, (1, 2, 4, 8, 16, 32, 64))),
+              show_default=True, help="Batch sizes to time, comma-separated.")
+@click.option("--reference-batch", type=click.IntRange(min=1), default=None,
+              help="Batch size whose amortised per-request time becomes the profile's "
+              "latency (default: groups / compute nodes, rounded up).")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Labelled samples for each confusion matrix (default: the reader's "
+              "calibration set, at most 2000).")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True,
+              help="torch CPU threads while measuring; match the compute workers.")
+def profile(config: tuple[str, ...], out: str | None, batch_sizes: str,
+            reference_batch: int | None, samples: int | None, device: str | None,
+            threads: int) -> None:
+    """Measure every real model of CONFIG and write its latencies and confusion matrix."""
+    from serif_dask.profiler import (
+        ProfileError,
+        dumps,
+        profile_config,
+        updated_application,
+        write_profile,
+    )
+
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise click.BadParameter("expected integers like 1,2,4,8",
+                                 param_hint="--batch-sizes") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter("batch sizes must be positive", param_hint="--batch-sizes")
+    cfg = _load(config)
+    try:
+        reports = profile_config(cfg, batch_sizes=sizes, reference_batch=reference_batch,
+                                 samples=samples, device=device, threads=threads)
+    except ProfileError as exc:
+        raise RunFailed(str(exc)) from None
+    if not reports:
+        click.echo("no model with use-profile false: nothing to profile", err=True)
+        return
+    for r in reports:
+        acc = "-" if r.accuracy is None else f"{r.accuracy:.3f}"
+        click.echo(
+            f"{r.app}/{r.model}: accuracy {acc} ({r.n_samples} samples), "
+            f"infer {r.infer_s * 1e3:.3f} ms/request at batch {r.reference_batch} "
+            f"(t(b) = {r.intercept_s * 1e3:.3f} + {r.slope_s * 1e3:.4f}·b ms), "
+            f"switch {r.switch_s * 1e3:.2f} ms, {r.nbytes} bytes on {r.device}",
+            err=True,
+        )
+    if out:
+        click.echo(f"wrote {write_profile(cfg, reports, Path(out))}", err=True)
+    else:
+        click.echo(dumps(updated_application(cfg, reports)), nl=False)
+
+
+@cli.command("train-digits")
+@click.option("--out", type=click.Path(file_okay=False), default="configs/digits/weights",
+              show_default=True, help="Folder for the .safetensors weights.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def train_digits(out: str, seed: int) -> None:
+    """Train the digits example's three models (seconds on a CPU) and save their weights."""
+    from serif_dask.models.train_digits import train_all
+
+    for r in train_all(Path(out), seed=seed):
+        click.echo(f"{r.name}: {r.params} parameters, test accuracy {r.test_accuracy:.3f}, "
+                   f"trained in {r.seconds:.1f} s -> {r.path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and the right exit status for every failure."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
