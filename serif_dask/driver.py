@@ -493,7 +493,7 @@ class Driver:
         groups, pred, labels = groups[ok], result["pred"][ok], result["labels"][ok]
         if groups.size == 0:
             return
-        finish = np.full(groups.size, result["finish"])
+        finish = np.broadcast_to(np.asarray(result["finish"], dtype=float), ok.shape)[ok]
         latency = finish - arrival
         u = completed_utility(
             latency, app.sla_latency, np.asarray(app.utility_matrix, dtype=float),

@@ -368,8 +368,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for address, reply in replies.items():
             state = self.workers.get(address)
             if state is not None and isinstance(reply, dict):
+                # Workers drop the previous run's models on its first task: start cold.
                 state.host_node = reply.get("node") or state.host_node
-                state.warm = dict.fromkeys(reply.get("warm", []))
+                state.warm = {}
 
     def _describe_workers(self, now: float | None = None) -> list[dict[str, Any]]:
         now = time.time() if now is None else now

@@ -126,7 +126,7 @@ def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) ->
 def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
     """Class scores for every group read, from the samples kept on this node."""
     plugin = current_plugin()
-    samples = plugin.inputs.get(read.input_key) if read.input_key else None
+    samples = plugin.inputs.pop(read.input_key) if read.input_key else None
     ok = np.asarray([int(g) not in read.errors for g in read.groups], dtype=bool)
     scores = np.full((len(read.groups), k), np.nan)
     if samples is not None and ok.any():
@@ -170,13 +170,16 @@ def score_task(
         raise RuntimeError(f"serif: model {model} has no latency profile for node {worker_name}")
     t_infer, t_switch = latency
     cache_name = f"{app}/{model}"
-    delay = 0.0
+    setup = 0.0
     if cache_name not in plugin.models:
-        delay += t_switch
+        setup += t_switch
     if remote:
-        delay += config.modality(profile.modality).retrieval_latencies.get(worker_name, 0.0)
+        setup += config.modality(profile.modality).retrieval_latencies.get(worker_name, 0.0)
     ok = np.asarray([int(g) not in errors for g in group_arr], dtype=bool)
-    delay += t_infer * int(ok.sum())
+    # The profile's latency is per request: request k of the batch is done after the
+    # shared set-up (context switch, retrieval) and k + 1 inferences.
+    done_after = setup + t_infer * np.cumsum(ok)
+    delay = float(done_after[-1]) if len(done_after) else 0.0
     if delay > 0:
         time.sleep(delay)
     if cache_name not in plugin.models:
@@ -193,7 +196,7 @@ def score_task(
     )
     pred = simulator.predict(labels, group_arr, tick, plugin.seed)
     pred[~ok] = -1
-    finished = time.time()
+    finished = started + done_after
     return {
         "groups": group_arr,
         "pred": pred,

@@ -70,28 +70,40 @@ class ModelCache:
 
 
 class LocalInputs:
-    """Samples kept in this worker's memory for its own peek tasks (last ``capacity`` reads)."""
+    """Samples kept in this worker's memory until its own peek task takes them.
 
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
+    Bounded in bytes: when peeks fall behind, the oldest reads go first (their peek then
+    sees no samples and the plan uses the prior for those groups).
+    """
+
+    def __init__(self, capacity_bytes: int = 512 << 20):
+        self.capacity = capacity_bytes
         self._items: OrderedDict[str, Any] = OrderedDict()
+        self._nbytes = 0
         self._lock = threading.Lock()
 
     def put(self, ident: tuple, samples: Any) -> str:
         key = "-".join(map(str, ident))
         with self._lock:
+            old = self._items.pop(key, None)
+            self._nbytes -= getattr(old, "nbytes", 0)
             self._items[key] = samples
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self._nbytes += getattr(samples, "nbytes", 0)
+            while self._nbytes > self.capacity and len(self._items) > 1:
+                _, dropped = self._items.popitem(last=False)
+                self._nbytes -= getattr(dropped, "nbytes", 0)
         return key
 
-    def get(self, key: str) -> Any | None:
+    def pop(self, key: str) -> Any | None:
         with self._lock:
-            return self._items.get(key)
+            samples = self._items.pop(key, None)
+            self._nbytes -= getattr(samples, "nbytes", 0)
+            return samples
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self._nbytes = 0
 
 
 class SerifWorkerPlugin(WorkerPlugin):

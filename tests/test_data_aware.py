@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT, run_cli
 
 WARD = ROOT / "configs" / "ward-busy"
@@ -50,13 +48,6 @@ def test_data_aware_earns_clearly_more_on_a_busy_ward(tmp_path: Path) -> None:
     assert fall_share_on_big(aware_rec) > fall_share_on_big(oblivious_rec)
 
 
-@pytest.mark.xfail(
-    reason="engine: a plan sees each worker's backlog as busy_until - time.time() "
-    "(serif_dask/scheduler.py _worker_view), and busy_until drops when score tasks "
-    "actually finish (transition hook), so worker choice depends on real completion "
-    "timing; models are the same, workers can differ",
-    strict=False,
-)
 def test_sneakpeek_data_aware_is_deterministic(tmp_path: Path) -> None:
     runs = []
     for i in range(2):
