@@ -2,7 +2,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-CONFIG ?= configs/hospital
+CONFIG ?= configs/digits
 
 .PHONY: venv run test lint bench clean
 

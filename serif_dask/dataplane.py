@@ -165,6 +165,9 @@ def load_model(plugin: Any, app: Application, profile: ModelProfile) -> tuple[An
     module_name, _, attr = profile.impl.partition(":")
     import importlib
 
+    from serif_dask.worker import _import_torch
+
+    _import_torch()
     cls = getattr(importlib.import_module(module_name), attr)
     t0 = time.perf_counter()
     data = WeightStore(redis_client(plugin)).fetch(profile.redis_key or profile.name)

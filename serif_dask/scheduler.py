@@ -223,6 +223,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             state.pending.clear()
             state.busy_until = 0.0
         await self._refresh_workers()
+        await self.scheduler.broadcast(
+            msg={"op": "serif_prepare", "run_id": run_id}, on_error="ignore"
+        )
         return {"workers": self._describe_workers()}
 
     def get_config(self, run_id: str | None = None) -> dict[str, Any]:

@@ -135,9 +135,11 @@ class SerifWorkerPlugin(WorkerPlugin):
     def setup(self, worker: Worker) -> None:
         self.worker = worker
         worker.handlers["serif_describe"] = self.describe
+        worker.handlers["serif_prepare"] = self.prepare
 
     def teardown(self, worker: Worker) -> None:
         worker.handlers.pop("serif_describe", None)
+        worker.handlers.pop("serif_prepare", None)
         self._end_run()
 
     def _end_run(self) -> None:
@@ -163,6 +165,25 @@ class SerifWorkerPlugin(WorkerPlugin):
     def describe(self) -> dict[str, Any]:
         return {"node": self.node, "warm": self.models.names(), "run_id": self.run_id}
 
+    async def prepare(self, run_id: str) -> None:
+        """Pull a new run's config and import torch ahead of the first tick (off the loop).
+
+        Models still load lazily, on the first score task that needs them; this only
+        takes the one-off import and config fetch out of the first requests' latency.
+        """
+        import asyncio
+
+        worker = self.worker
+        if worker is None:
+            return
+        loop = asyncio.get_running_loop()
+        reply = await worker.scheduler.serif_get_config(run_id=run_id)
+        if reply.get("config") is None:
+            return
+        config = await loop.run_in_executor(None, self._install_run, run_id, reply)
+        if any(not p.use_profile for a in config.apps for p in a.model_profiles):
+            await loop.run_in_executor(None, _import_torch)
+
     # -- called from task threads -------------------------------------------------------
     def ensure_run(self, run_id: str) -> SerifConfig:
         """Return the config of ``run_id``, pulling it from the scheduler on first use."""
@@ -173,6 +194,12 @@ class SerifWorkerPlugin(WorkerPlugin):
             reply = sync(self.worker.loop, self.worker.scheduler.serif_get_config, run_id=run_id)
             if reply.get("config") is None:
                 raise RuntimeError(f"serif: run {run_id} is not configured on the scheduler")
+            return self._install_run(run_id, reply)
+
+    def _install_run(self, run_id: str, reply: dict[str, Any]) -> SerifConfig:
+        with self.lock:
+            if self.run_id == run_id and self.config is not None:
+                return self.config
             config: SerifConfig = loads(reply["config"])
             self._end_run()
             self.config, self.run_id = config, run_id
@@ -199,6 +226,14 @@ class SerifWorkerPlugin(WorkerPlugin):
                 logger.debug("serif: could not report warm models", exc_info=True)
 
         worker.loop.add_callback(_send)
+
+
+def _import_torch() -> None:
+    import torch
+
+    # One intra-op thread per worker: several workers share a node's cores, and oversized
+    # thread pools made small batches stall for tens of milliseconds.
+    torch.set_num_threads(1)
 
 
 def current_plugin() -> SerifWorkerPlugin:
