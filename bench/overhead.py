@@ -16,6 +16,7 @@ import statistics
 import time
 
 import numpy as np
+
 from serif_dask.policies import available_policies, get_policy
 from serif_dask.policies._testing import make_problem
 

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from serif_dask.policies import DROP, Plan, PlanProblem
 
+from serif_dask.policies import DROP, Plan, PlanProblem
 from serif_dask.utility import timeliness
 
 #: At most this many cohorts are planned one after another; more distinct deadlines are

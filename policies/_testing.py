@@ -9,8 +9,8 @@ most negatives, uncertain or positive for the rest.
 from __future__ import annotations
 
 import numpy as np
-from serif_dask.policies import PlanProblem
 
+from serif_dask.policies import PlanProblem
 from serif_dask.utility import expected_utility, row_normalise
 
 __all__ = ["make_problem"]

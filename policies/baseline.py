@@ -8,6 +8,7 @@ load-aware ones balance workers by exact list scheduling (see ``_common.fill``).
 from __future__ import annotations
 
 import numpy as np
+
 from serif_dask.policies import DROP, Plan, PlanProblem
 from serif_dask.policies._common import (
     Planner,

@@ -11,6 +11,7 @@ SERIF's per-request search with deep copies.
 from __future__ import annotations
 
 import numpy as np
+
 from serif_dask.policies import Plan, PlanProblem
 from serif_dask.policies._common import (
     Planner,

@@ -9,6 +9,7 @@ its deadline, else its best realised utility, else a drop. Priority is the stake
 from __future__ import annotations
 
 import numpy as np
+
 from serif_dask.policies import Plan, PlanProblem
 from serif_dask.policies._common import Planner, run_cohorts, servable
 

@@ -17,9 +17,9 @@ positive are the ones whose accurate-model gain pays for its time.
 from __future__ import annotations
 
 import numpy as np
+
 from serif_dask.policies import Plan, PlanProblem
 from serif_dask.policies._common import Planner, cohorts_by_key, servable
-
 from serif_dask.utility import timeliness
 
 __all__ = ["SneakPeekPolicy", "sneakpeek"]

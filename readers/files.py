@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from serif_dask.readers import NoCalibrationData, Reader, ReaderError, ReadResult, stream_paths
 
 __all__ = ["CsvReader", "NpyReader", "WavReader", "WindowSource"]

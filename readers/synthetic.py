@@ -35,6 +35,7 @@ import math
 from typing import Any
 
 import numpy as np
+
 from serif_dask.readers import (
     DEFAULT_LABEL_PERSISTENCE,
     DEFAULT_SNR,

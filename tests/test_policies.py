@@ -2,10 +2,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+
 from serif_dask.policies import DROP, Plan, available_policies, get_policy
 from serif_dask.policies._common import MIN_GAIN
 from serif_dask.policies._testing import make_problem
-
 from serif_dask.utility import timeliness
 
 BUILTINS = [
