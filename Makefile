@@ -20,6 +20,7 @@ run: venv
 	$(BIN)/serif-dask run $(CONFIG)
 
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 lint: venv

@@ -30,7 +30,23 @@ class RunFailed(Exception):
     """A run could not go on; the message is one line for the user."""
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _SerifGroup(click.Group):
+    """Turns known failures into one line and an exit status, also under ``dask serif``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_CONFIG)
+        except RunFailed as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(EXIT_RUNTIME)
+
+
+@click.group(
+    name="serif", cls=_SerifGroup, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.version_option(package_name="serif-dask")
 def cli() -> None:
     """Real-time inference over many monitored groups, on Dask."""
