@@ -127,6 +127,51 @@ def run(
         sys.exit(status)
 
 
+@cli.group()
+def weights() -> None:
+    """Model weights in Redis."""
+
+
+@weights.command("push")
+@click.argument("config", nargs=-1, required=True, type=click.Path())
+@click.option("--force", is_flag=True, help="Push even when Redis holds the same bytes.")
+def weights_push(config: tuple[str, ...], force: bool) -> None:
+    """Put every real model's weights of CONFIG into the configured Redis."""
+    from serif_dask.redis_server import RedisUnavailable, ensure_redis
+    from serif_dask.store import WeightStore
+
+    cfg = _load(config)
+    if not cfg.system.redis_nodes:
+        raise click.UsageError(
+            "weights push needs redis-nodes in the system config (without them, "
+            "`serif-dask run` starts an embedded Redis and pushes the weights itself)"
+        )
+    try:
+        handle = ensure_redis(cfg.system)
+    except RedisUnavailable as exc:
+        raise RunFailed(str(exc)) from None
+    try:
+        store = WeightStore(handle.connect())
+        for app in cfg.apps:
+            for profile in app.model_profiles:
+                if profile.use_profile or not profile.weights:
+                    continue
+                key = profile.redis_key or profile.name
+                if force:
+                    meta, pushed = store.push(key, Path(profile.weights)), True
+                else:
+                    meta, pushed = store.push_if_changed(key, Path(profile.weights))
+                state = "pushed" if pushed else "up to date"
+                click.echo(
+                    f"{app.name}/{profile.name}: {key} {state} (version {meta.version}, "
+                    f"{meta.size} bytes, sha256 {meta.sha256[:12]})"
+                )
+        if handle.embedded:
+            click.echo("note: Redis was started here and stops with this command", err=True)
+    finally:
+        handle.stop()
+
+
 @cli.command()
 @click.argument("records", nargs=-1, required=True,
                 type=click.Path(exists=True, dir_okay=False))

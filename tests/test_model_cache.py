@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -63,3 +65,26 @@ def test_corrupted_weights_are_refused(worker_state) -> None:
     with pytest.raises(Exception, match="(?i)corrupt|sha256|mismatch"):
         dataplane.load_model(plugin, app, linear)
     plugin._end_run()
+
+
+def test_weights_push_command(redis_server, tmp_path) -> None:
+    import json
+    import shutil
+
+    from tests.conftest import run_cli
+
+    target = tmp_path / "digits"
+    shutil.copytree(DIGITS, target)
+    system = json.loads((target / "system.json").read_text())
+    host, port = redis_server.address
+    system["redis-nodes"] = [{"ip-address": host, "ports": [port]}]
+    (target / "system.json").write_text(json.dumps(system))
+    first = run_cli("weights", "push", str(target))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("pushed") == 3
+    again = run_cli("weights", "push", str(target))
+    assert again.returncode == 0 and again.stdout.count("up to date") == 3
+    store = WeightStore(redis_server.client())
+    config = load_config([target])
+    for p in config.apps[0].model_profiles:
+        assert store.fetch(p.redis_key) == Path(p.weights).read_bytes()
