@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: one clear line and the right exit status for every failure."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cli.main(args=argv, prog_name="serif-dask", standalone_mode=False)
+        status = cli.main(args=argv, prog_name="serif-dask", standalone_mode=False)
     except ConfigError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
@@ -324,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
         logger.debug("unexpected error", exc_info=True)
         click.echo(f"error: {type(exc).__name__}: {exc}".splitlines()[0], err=True)
         sys.exit(EXIT_RUNTIME)
+    if isinstance(status, int) and status:  # a command's ctx.exit(status)
+        sys.exit(status)
 
 
 def install_signal_handlers(stop: Any) -> dict[int, int]:

@@ -77,12 +77,14 @@ async def run_deployment(
     try:
         stopped = install_signal_handlers(lambda: serif.stop() if serif else None)
         if scheduler_address:
+            pending = Client(scheduler_address, asynchronous=True, timeout="20s")
             try:
-                client = await asyncio.wait_for(
-                    Client(scheduler_address, asynchronous=True), timeout=30
-                )
+                client = await pending
             except (OSError, TimeoutError) as exc:
-                raise RunFailed(f"cannot reach scheduler {scheduler_address}: {exc}") from None
+                with contextlib.suppress(Exception):
+                    await pending.close()
+                reason = str(exc) or type(exc).__name__
+                raise RunFailed(f"cannot reach scheduler {scheduler_address}: {reason}") from None
         else:
             from serif_dask.cluster import start_local_cluster
 
