@@ -253,23 +253,37 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         arrival: list[float],
         scores: bytes | None,
         input_node: dict[str, list[str]],
-        now: float,
-        started: float,
+        now: float | None = None,
+        started: float | None = None,
         attempt: int = 0,
+        request: str | None = None,
+        run_id: str | None = None,
     ) -> dict[str, Any]:
         """Pick a model and worker per request of one application's tick.
 
         ``arrival`` and ``now`` are on the run's logical clock (seconds since its start,
         from the tick schedule), which keeps decisions reproducible for a given seed.
+        ``request`` names an ad-hoc request (:meth:`serif_dask.Serif.submit`) planned out
+        of tick order: its ``arrival`` is wall-clock time, ``now`` is the scheduler's, and
+        its batch key carries the name. With ``run_id``, a plan for another run than the
+        configured one is refused rather than made against the wrong state.
         """
         if self.table is None or self.config is None:
             raise RuntimeError("serif: no run is configured on this scheduler")
-        self.run_started = started
+        if run_id is not None and run_id != self.run_id:
+            raise RuntimeError(f"run-changed: the scheduler now serves run {self.run_id}")
+        if started is not None:
+            self.run_started = started
+        arrival_arr = np.asarray(arrival, dtype=float)
+        if request is not None:
+            arrival_arr = arrival_arr - self.run_started
+            now = self.clock(time.time())
+        if now is None:
+            raise TypeError("serif_plan needs now= unless it plans an ad-hoc request")
         t0 = time.perf_counter()
         table = self.table
         app_table = table.app(app)
         groups_arr = np.asarray(groups, dtype=np.int64)
-        arrival_arr = np.asarray(arrival, dtype=float)
         beliefs = self.beliefs[app]
         if scores is not None and groups_arr.size:
             score_arr = np.asarray(loads(scores), dtype=float)
@@ -301,7 +315,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         else:
             loop = asyncio.get_running_loop()
             plan = await loop.run_in_executor(self._executor, self.policy, problem)
-        batches = self._commit(app_table.name, f"{tick}.{attempt}", problem, plan, view)
+        label = f"{tick}.{attempt}" if request is None else f"submit.{request}"
+        batches = self._commit(app_table.name, label, problem, plan, view)
         decision_ms = (time.perf_counter() - t0) * 1000.0
         self.decision_ms.append(decision_ms)
         dropped = groups_arr[np.asarray(plan.model) == DROP]
