@@ -60,6 +60,7 @@ __all__ = [
     "ModelProfile",
     "RedisNode",
     "RedisSettings",
+    "ResultsStream",
     "SchedulerNode",
     "SerifConfig",
     "Server",
@@ -404,6 +405,14 @@ class RedisSettings(_Frozen):
     tls_key_file: str | None = Field(None, description="Client key (mutual TLS).")
 
 
+class ResultsStream(_Frozen):
+    """Extension ``results-stream``: every request record is also appended (``XADD``) to
+    this Redis stream of the run's Redis, trimmed to about ``maxlen`` entries."""
+
+    key: Name = Field("serif:results", description="Redis key of the stream.")
+    maxlen: PositiveInt = Field(10000, description="Entries kept (approximate trimming).")
+
+
 def _known_policies() -> set[str]:
     names = set(SERIF_POLICIES)
     try:  # imported lazily: policies import numpy-heavy code and may not all exist yet
@@ -432,6 +441,7 @@ class SystemConfig(_Frozen):
     redis_nodes: tuple[RedisNode, ...] = ()
     scheduler_node: SchedulerNode | None = None
     redis: RedisSettings = RedisSettings()
+    results_stream: ResultsStream | None = None
 
     _clock_seed: int | None = PrivateAttr(None)
 
