@@ -114,6 +114,14 @@ def coarse_grid(
     return tuple(cells)
 
 
+def _no_copy(a: np.ndarray, shape: list[int] | tuple[int, ...]) -> np.ndarray:
+    """``a`` reshaped as a view, never a copy: ``out`` may be rows of a shared-memory
+    cache spaced wider than a row, and a silent copy would drop the writes."""
+    v = a.view()
+    v.shape = tuple(shape)  # raises where reshape would copy
+    return v
+
+
 class SyntheticReader(Reader):
     """Class-conditional samples with persistent per-group labels (module docstring)."""
 
@@ -181,8 +189,10 @@ class SyntheticReader(Reader):
 
     # -------------------------------------------------------------------- samples
     def read(self, groups: np.ndarray, tick: int, *, out: np.ndarray | None = None) -> ReadResult:
-        """Samples of ``groups`` at ``tick``; ``out`` (float32 (n, *shape), e.g. a reused
-        buffer) saves page-faulting a fresh allocation, which dominates for video."""
+        """Samples of ``groups`` at ``tick``; ``out`` (float32 (n, *shape) with C-contiguous
+        rows, e.g. reserved shared-memory slots or a reused buffer) is filled in place and
+        returned, which saves a copy and page-faulting a fresh allocation (most of the
+        cost for video)."""
         g = np.asarray(groups, dtype=np.int64).reshape(-1)
         labels = self.labels(g, tick)
         keys = _mix(self.seed, self._app_key, self._mod_key, g.astype(np.uint64), tick, _SAMPLE)
@@ -214,13 +224,15 @@ class SyntheticReader(Reader):
         n = keys.size
         if out is None:
             out = np.empty((n, *self.shape), dtype=np.float32)
-        elif out.shape != (n, *self.shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        elif (out.shape != (n, *self.shape) or out.dtype != np.float32
+              or not out.flags.writeable or (n and not out[0].flags.c_contiguous)):
             raise ValueError(
-                f"out must be a C-contiguous float32 array of shape {(n, *self.shape)}"
+                f"out must be a writable float32 array of shape {(n, *self.shape)} with "
+                "C-contiguous rows"
             )
         if n == 0:
             return out
-        flat = out.reshape(n, -1)
+        flat = _no_copy(out, (n, -1))
         size = flat.shape[1]
         block = self._noise_block()
         chunk = min(size, _NOISE_BLOCK // 2)
@@ -245,7 +257,7 @@ class SyntheticReader(Reader):
         for length, c in zip(self.shape, self.cells, strict=True):
             split += [c, length // c]
             spread += [c, 1]
-        out.reshape(split)[...] += coarse.reshape(spread)
+        _no_copy(out, split)[...] += coarse.reshape(spread)
         return out
 
     def __getstate__(self) -> dict[str, Any]:

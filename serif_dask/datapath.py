@@ -1,6 +1,10 @@
 """Node-local shared-memory input cache: read tasks write a sample once, score tasks on
 the same node read it zero-copy.
 
+A writer reserves slots (:meth:`ShmCache.reserve`) and gets a writable ``(n, *shape)`` view of
+them, so a reader that can fill an ``out=`` array renders its samples straight into
+shared memory (no copy at all); :meth:`ShmCache.put` copies an existing array in once.
+
 One segment per (run, node, modality) holds ``entries`` slots of ``entry_size`` bytes.
 Dask's own worker-to-worker transfer serialises, sends over a socket and deserialises
 every input; on one node a memcpy into shared memory is enough.  Slots are reused
@@ -36,6 +40,7 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
@@ -45,15 +50,19 @@ import numpy as np
 
 __all__ = [
     "InputTooLarge",
+    "Reservation",
     "SegmentGone",
     "ShmCache",
     "SlotRef",
     "StaleSlot",
     "node_name",
     "read",
+    "read_rows",
+    "release_buffer",
     "remove_segments",
     "remove_stale_segments",
     "segment_name",
+    "take_buffer",
     "valid",
 ]
 
@@ -167,7 +176,8 @@ class ShmCache:
     """A ring of fixed-size slots in one shared-memory segment.
 
     Build with :meth:`create` (the single writer, which owns and unlinks the segment)
-    or :meth:`attach` (readers).  ``put`` is thread-safe within the owner process.
+    or :meth:`attach` (readers).  ``reserve``/``put`` are thread-safe within the owner
+    process.
     """
 
     def __init__(self, shm: SharedMemory, run_id: str, node: str, modality: str,
@@ -190,7 +200,8 @@ class ShmCache:
         words = np.frombuffer(shm.buf, np.uint64, (_HEADER + entries * _SLOT_HEADER) // 8)
         self._gens = words[_HEADER // 8 :: _SLOT_HEADER // 8]
         self._next = 0
-        self._lock = threading.Lock()
+        self._busy: set[int] = set()  # slots reserved and not yet committed
+        self._cond = threading.Condition()
         self._closed = False
 
     # -- construction ------------------------------------------------------------------
@@ -251,32 +262,88 @@ class ShmCache:
         return np.frombuffer(self._buf, dtype, count,  # type: ignore[arg-type]
                              self._data_offset + slot * self._stride).reshape(shape)
 
-    def put(self, array: np.ndarray) -> SlotRef:
-        """Copy ``array`` into the next slot; the returned ref travels to readers."""
+    def _rows(self, first: int, n: int, shape: tuple[int, ...], dtype: np.dtype,
+              *, writeable: bool) -> np.ndarray:
+        """Slots ``first .. first+n-1`` as one ``(n, *shape)`` array, without a copy.
+
+        Rows are ``stride`` bytes apart, so the array is C-contiguous when ``n == 1`` or
+        the sample fills its page-rounded slot exactly (then a batch needs no copy either).
+        """
+        if n == 0:
+            return np.empty((0, *shape), dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        span = (n - 1) * self._stride + nbytes
+        flat = np.frombuffer(self._buf, np.uint8, span,  # type: ignore[arg-type]
+                             self._data_offset + first * self._stride).view(dtype)
+        strides = [dtype.itemsize]
+        for length in reversed(shape[1:]):
+            strides.insert(0, strides[0] * length)
+        return np.lib.stride_tricks.as_strided(
+            flat, (n, *shape), (self._stride, *strides[: len(shape)]), writeable=writeable
+        )
+
+    def reserve(self, n: int, shape: tuple[int, ...], dtype: np.dtype | str = np.float32,
+                ) -> Reservation:
+        """Take ``n`` adjacent slots for writing; fill ``reservation.array`` in place.
+
+        The slots are marked *being written* (odd generation) until
+        :meth:`Reservation.commit`, so a reader holding an older ref to one of them sees
+        it stale from now on.  Adjacent slots let a score task read a whole batch as one
+        zero-copy array; when ``n`` slots do not fit before the end of the ring the
+        reservation starts again at slot 0.
+        """
         if not self.owner:
             raise PermissionError("only the process that created the cache writes to it")
-        a = np.asarray(array)
-        if a.dtype.kind not in "biufcmM" or a.dtype.fields is not None:
-            raise TypeError(f"cannot cache dtype {a.dtype} as raw bytes")
-        if a.nbytes > self.entry_size:
-            raise InputTooLarge(self.modality, a.nbytes, self.entry_size)
-        if a.ndim > MAX_NDIM:
+        dt = np.dtype(dtype)
+        shape = tuple(int(d) for d in shape)
+        if dt.kind not in "biufcmM" or dt.fields is not None:
+            raise TypeError(f"cannot cache dtype {dt} as raw bytes")
+        if len(shape) > MAX_NDIM:
             raise ValueError(f"at most {MAX_NDIM} dimensions")
-        dtype = a.dtype.str
-        with self._lock:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if nbytes > self.entry_size:
+            raise InputTooLarge(self.modality, nbytes, self.entry_size)
+        if not 0 <= n <= self.entries:
+            raise ValueError(f"cannot reserve {n} of {self.entries} slots of {self.name}")
+        gens: list[int] = []
+        with self._cond:
             self._check_open()
-            slot = self._next
-            self._next = (slot + 1) % self.entries
-            gen = int(self._gens[slot])
-            gen += gen & 1  # a writer that died mid-write left it odd
-            self._gens[slot] = gen + 1  # odd: being written
-            off = _HEADER + slot * _SLOT_HEADER
-            _SLOT.pack_into(self._buf, off, gen + 1, a.nbytes, a.ndim, 0, dtype.encode())
-            struct.pack_into(f"<{a.ndim}Q", self._buf, off + _SHAPE_OFFSET, *a.shape)
-            np.copyto(self._payload(slot, a.shape, a.dtype), a, casting="no")
-            self._gens[slot] = gen + 2  # even: done
-        return SlotRef(self.run_id, self.node, self.modality, slot, gen + 2, a.shape,
-                       dtype, a.nbytes, self.token)
+            while True:
+                first = self._next if self._next + n <= self.entries else 0
+                if self._busy.isdisjoint(range(first, first + n)):
+                    break
+                self._cond.wait()  # another thread is still writing there
+                self._check_open()
+            self._next = (first + n) % self.entries
+            for slot in range(first, first + n):
+                gen = int(self._gens[slot])
+                gen += gen & 1  # a writer that died mid-write left it odd
+                self._gens[slot] = gen + 1  # odd: being written
+                off = _HEADER + slot * _SLOT_HEADER
+                _SLOT.pack_into(self._buf, off, gen + 1, nbytes, len(shape), 0,
+                                dt.str.encode())
+                struct.pack_into(f"<{len(shape)}Q", self._buf, off + _SHAPE_OFFSET, *shape)
+                gens.append(gen + 2)
+            self._busy.update(range(first, first + n))
+        array = self._rows(first, n, shape, dt, writeable=True)
+        return Reservation(self, first, tuple(gens), shape, dt.str, nbytes, array)
+
+    def _finish(self, first: int, gens: Sequence[int]) -> None:
+        with self._cond:
+            if not self._closed:
+                self._gens[first : first + len(gens)] = gens  # even: done
+            self._busy.difference_update(range(first, first + len(gens)))
+            self._cond.notify_all()
+
+    def put(self, array: np.ndarray) -> SlotRef:
+        """Copy ``array`` into the next slot (the one copy of a reader that cannot write
+        into a reservation); the returned ref travels to readers."""
+        a = np.asarray(array)
+        with self.reserve(1, a.shape, a.dtype) as res:
+            np.copyto(res.array[0], a, casting="no")
+            (ref,) = res.commit()
+        assert ref is not None
+        return ref
 
     def valid(self, ref: SlotRef) -> bool:
         """Whether the slot still holds what ``ref`` points to."""
@@ -290,25 +357,53 @@ class ShmCache:
             raise StaleSlot(f"{self.name} slot {ref.slot} was reused since generation "
                             f"{ref.generation}")
 
-    def get(self, ref: SlotRef, copy: bool = False) -> np.ndarray:
-        """The input ``ref`` names: a read-only zero-copy view, or a private copy.
-
-        A view stays valid only until the writer wraps around to its slot; check with
-        :meth:`valid`/:meth:`check` after using it.  A copy is checked after copying.
-        """
+    def _own(self, ref: SlotRef) -> None:
         self._check_open()
         if (ref.run_id, ref.node, ref.modality) != (self.run_id, self.node, self.modality):
             raise ValueError(f"{ref} does not belong to cache {self.name}")
         if ref.token != self.token:
             raise SegmentGone(f"{self.name} was recreated since {ref} was written")
+
+    def get(self, ref: SlotRef, copy: bool = False, *, out: np.ndarray | None = None,
+            ) -> np.ndarray:
+        """The input ``ref`` names: a read-only zero-copy view, or a private copy.
+
+        A view stays valid only until the writer wraps around to its slot; check with
+        :meth:`valid`/:meth:`check` after using it.  A copy (into ``out`` when given, e.g.
+        a row of a reused batch buffer; cast like an assignment) is checked after copying.
+        """
+        self._own(ref)
         self.check(ref)
         view = self._payload(ref.slot, tuple(ref.shape), np.dtype(ref.dtype))
-        if copy:
-            out = view.copy()
+        if copy or out is not None:
+            if out is None:
+                out = view.copy()
+            else:
+                out[...] = view
             self.check(ref)
             return out
         view.flags.writeable = False
         return view
+
+    def rows(self, refs: Sequence[SlotRef]) -> np.ndarray | None:
+        """``refs`` as one read-only ``(n, *shape)`` view when they sit in adjacent slots
+        in order (as one reservation writes them) and the view is C-contiguous; else None.
+
+        Like :meth:`get`, the view is only good while every ref stays :meth:`valid`.
+        """
+        if not refs:
+            return None
+        head = refs[0]
+        for ref in refs:
+            self._own(ref)
+        if any(r.slot != head.slot + i or r.shape != head.shape or r.dtype != head.dtype
+               for i, r in enumerate(refs)) or head.slot + len(refs) > self.entries:
+            return None
+        for ref in refs:
+            self.check(ref)
+        view = self._rows(head.slot, len(refs), tuple(head.shape), np.dtype(head.dtype),
+                          writeable=False)
+        return view if view.flags.c_contiguous else None
 
     # -- lifetime ----------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -317,9 +412,11 @@ class ShmCache:
 
     def close(self) -> None:
         """Detach; the owner also unlinks the segment.  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._cond.notify_all()
         with contextlib.suppress(Exception):
             atexit.unregister(self.close)
         if self.owner:
@@ -344,6 +441,48 @@ class ShmCache:
     def __repr__(self) -> str:
         role = "owner" if self.owner else "reader"
         return f"<ShmCache {self.name} {self.entries}x{self.entry_size}B {role}>"
+
+
+class Reservation:
+    """Slots taken by :meth:`ShmCache.reserve`: fill ``array``, then :meth:`commit`.
+
+    As a context manager it aborts (slots finished, no refs handed out) when the block
+    leaves without a commit, e.g. because the reader raised.
+    """
+
+    def __init__(self, cache: ShmCache, first: int, gens: tuple[int, ...],
+                 shape: tuple[int, ...], dtype: str, nbytes: int, array: np.ndarray) -> None:
+        self.cache, self.first, self.gens = cache, first, gens
+        self.shape, self.dtype, self.nbytes = shape, dtype, nbytes
+        self.array = array  # writable (n, *shape) view of the slots
+        self.done = False
+
+    def commit(self, ok: Sequence[bool] | np.ndarray | None = None) -> list[SlotRef | None]:
+        """Publish the rows: a ref per row, None where ``ok`` is False (never readable)."""
+        if self.done:
+            raise RuntimeError("reservation already finished")
+        self.done = True
+        c = self.cache
+        c._finish(self.first, self.gens)
+        c._check_open()
+        return [
+            SlotRef(c.run_id, c.node, c.modality, self.first + i, gen, self.shape,
+                    self.dtype, self.nbytes, c.token)
+            if ok is None or ok[i] else None
+            for i, gen in enumerate(self.gens)
+        ]
+
+    def abort(self) -> None:
+        """Finish the slots without publishing them (idempotent)."""
+        if not self.done:
+            self.done = True
+            self.cache._finish(self.first, self.gens)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
 
 
 def _touch(buf: memoryview, *, write: bool) -> None:
@@ -381,9 +520,10 @@ _attached: dict[tuple[str, str, str], ShmCache] = {}
 _attached_lock = threading.Lock()
 
 
-def read(ref: SlotRef, copy: bool = False) -> np.ndarray:
-    """Read ``ref`` through this process's attachment (created on first use, and
-    re-created when the owner recreated the segment)."""
+def _attachment(ref: SlotRef) -> ShmCache:
+    """This process's attachment to ``ref``'s segment (created on first use, and
+    re-created when the owner recreated the segment); kept mapped until
+    :func:`detach_all`, so a read costs no mmap and no page faults."""
     key = (ref.run_id, ref.node, ref.modality)
     with _attached_lock:
         cache = _attached.get(key)
@@ -392,7 +532,24 @@ def read(ref: SlotRef, copy: bool = False) -> np.ndarray:
                 cache.close()
             cache = ShmCache.attach(*key)
             _attached[key] = cache
-    return cache.get(ref, copy=copy)
+    return cache
+
+
+def read(ref: SlotRef, copy: bool = False, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Read ``ref`` through this process's attachment: a read-only view (check
+    :func:`valid` after using it), or a checked copy (into ``out`` when given)."""
+    return _attachment(ref).get(ref, copy=copy, out=out)
+
+
+def read_rows(refs: Sequence[SlotRef]) -> np.ndarray | None:
+    """A batch of refs as one zero-copy ``(n, *shape)`` view when one reservation wrote
+    them in this order (see :meth:`ShmCache.rows`), else None; check :func:`valid` for
+    each ref after using it."""
+    if not refs or any(r.token != refs[0].token or r.modality != refs[0].modality
+                       or r.node != refs[0].node or r.run_id != refs[0].run_id
+                       for r in refs):
+        return None
+    return _attachment(refs[0]).rows(refs)
 
 
 def valid(ref: SlotRef) -> bool:
@@ -402,12 +559,41 @@ def valid(ref: SlotRef) -> bool:
     return cache is not None and cache.valid(ref)
 
 
+# Reused batch buffers for score tasks that must copy (inputs from several reads, or
+# from Redis): a fresh 35 MB array costs more in page faults than the copy into it.
+_BUFFER_BYTES = 1 << 30
+_buffers: list[np.ndarray] = []
+_buffers_lock = threading.Lock()
+
+
+def take_buffer(n: int, shape: tuple[int, ...], dtype: np.dtype | str = np.float32,
+                ) -> np.ndarray:
+    """An ``(m >= n, *shape)`` array for this thread's exclusive use until
+    :func:`release_buffer`; reused (already faulted in) when one is free."""
+    dt = np.dtype(dtype)
+    with _buffers_lock:
+        for i, buf in enumerate(_buffers):
+            if buf.dtype == dt and buf.shape[1:] == tuple(shape) and len(buf) >= n:
+                return _buffers.pop(i)
+    return np.empty((n, *shape), dt)
+
+
+def release_buffer(buf: np.ndarray) -> None:
+    """Hand a :func:`take_buffer` array back; the oldest go beyond 1 GiB in total."""
+    with _buffers_lock:
+        _buffers.append(buf)
+        while sum(b.nbytes for b in _buffers) > _BUFFER_BYTES:
+            _buffers.pop(0)
+
+
 def detach_all() -> None:
-    """Drop this process's reader attachments (worker teardown)."""
+    """Drop this process's reader attachments and batch buffers (end of a run)."""
     with _attached_lock:
         for cache in _attached.values():
             cache.close()
         _attached.clear()
+    with _buffers_lock:
+        _buffers.clear()
 
 
 # ---------------------------------------------------------------------------------

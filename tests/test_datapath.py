@@ -193,3 +193,77 @@ def test_node_name(monkeypatch: pytest.MonkeyPatch) -> None:
     assert node_name() == "bay-b"
     monkeypatch.delenv("SERIF_NODE")
     assert node_name()
+
+
+def test_reader_writes_straight_into_reserved_slots(run_id: str) -> None:
+    """A reservation is a writable (n, *shape) view of adjacent slots: the reader fills it,
+    the score side reads a batch back as one zero-copy view when its rows are adjacent."""
+    from types import SimpleNamespace
+
+    from serif_dask.readers.synthetic import SyntheticReader
+
+    shape = (2, 3, 50)  # 1200 bytes: slots are page-spaced, rows not adjacent
+    reader = SyntheticReader(
+        SimpleNamespace(name="ecg", synthetic_shape=shape, synthetic_snr=1.0,
+                        label_persistence=0.9),
+        SimpleNamespace(name="app", prior=(0.5, 0.5)),
+    )
+    groups = np.arange(3)
+    expected = reader.read(groups, 4).samples
+    with ShmCache.create(run_id, "n", "ecg", entries=5, entry_size=1200) as cache:
+        cache.put(np.zeros(shape, np.float32))  # slot 0: the reservation starts at 1
+        with cache.reserve(3, shape) as res:
+            assert not res.array.flags.c_contiguous and res.array[0].flags.c_contiguous
+            assert reader.read(groups, 4, out=res.array).samples is res.array
+            refs = res.commit(ok=[True, False, True])
+        assert refs[1] is None and [r.slot for r in (refs[0], refs[2])] == [1, 3]
+        np.testing.assert_array_equal(datapath.read(refs[2]), expected[2])
+        # page-spaced rows are not one C-contiguous batch: the score side must copy
+        assert datapath.read_rows([refs[0], refs[2]]) is None
+        # two more slots do not fit before the end of the ring: back to slot 0
+        with cache.reserve(2, (300,)) as res:
+            res.array[...] = np.arange(600, dtype=np.float32).reshape(2, 300)
+            wrapped = res.commit()
+        assert [r.slot for r in wrapped] == [0, 1]  # type: ignore[union-attr]
+        assert not datapath.valid(refs[0])  # its slot was taken
+
+    with ShmCache.create(run_id, "n", "video", entries=4, entry_size=4096) as cache:
+        with cache.reserve(3, (1024,)) as res:  # rows fill their page: one batch view
+            res.array[...] = np.arange(3 * 1024, dtype=np.float32).reshape(3, 1024)
+            refs = res.commit()
+        batch = datapath.read_rows(refs)  # type: ignore[arg-type]
+        assert batch is not None and batch.shape == (3, 1024) and batch.flags.c_contiguous
+        assert not batch.flags.writeable and batch[2, 5] == 2 * 1024 + 5
+        assert datapath.read_rows(refs[::-1]) is None  # type: ignore[arg-type]
+        cache.put(np.zeros(1024, np.float32))  # slot 3
+        cache.put(np.zeros(1024, np.float32))  # slot 0 again: the batch view is stale
+        assert [datapath.valid(r) for r in refs] == [False, True, True]  # type: ignore[arg-type]
+        with pytest.raises(StaleSlot):
+            datapath.read_rows(refs)  # type: ignore[arg-type]
+
+
+def test_aborted_reservation_publishes_nothing(run_id: str) -> None:
+    with ShmCache.create(run_id, "n", "m", entries=2, entry_size=64) as cache:
+        old = cache.put(np.full(4, 1.0))
+        with pytest.raises(RuntimeError, match="reader failed"), cache.reserve(2, (4,)) as res:
+            res.array[0] = 9.0
+            raise RuntimeError("reader failed")
+        assert not cache.valid(old)  # half-overwritten: never readable again
+        assert all(int(g) % 2 == 0 for g in cache._gens)  # and not left "being written"
+        with pytest.raises(ValueError, match="cannot reserve 3 of 2"):
+            cache.reserve(3, (4,))
+        with pytest.raises(InputTooLarge):
+            cache.reserve(1, (9,), np.float64)
+
+
+def test_copy_into_a_reused_buffer_is_checked(run_id: str) -> None:
+    with ShmCache.create(run_id, "n", "m", entries=1, entry_size=64) as cache:
+        ref = cache.put(np.arange(8, dtype=np.float64))
+        buf = datapath.take_buffer(2, (8,), np.float32)
+        datapath.read(ref, out=buf[1])
+        np.testing.assert_array_equal(buf[1], np.arange(8))
+        datapath.release_buffer(buf)
+        assert datapath.take_buffer(1, (8,), np.float32) is buf  # reused, not reallocated
+        cache.put(np.zeros(8))
+        with pytest.raises(StaleSlot):
+            datapath.read(ref, out=buf[0])
