@@ -4,7 +4,7 @@ Tick ``t`` reads window ``t mod W`` of a file holding W windows (a recording loo
 stream never runs dry. Every window must have the modality's ``synthetic-shape``; a file
 that does not is an error for that group only, naming the group and the file.
 
-* ``.npy`` (:class:`NpyReader`): an array ``(W, *shape)``, memory-mapped; labels from an
+* ``.npy`` (:class:`NpyReader`): an array ``(W, *shape)``, one window read per tick; labels from an
   optional sidecar ``<stem>.labels.npy`` of W integers.
 * ``.wav`` (:class:`WavReader`): PCM (8/16/32-bit) read with the standard library;
   shape ``[T]`` (mono) or ``[channels, T]``; window i is frames ``i·T .. (i+1)·T``,
@@ -21,6 +21,7 @@ number, label only part of the data, or calibrate on separate files via an ``imp
 
 from __future__ import annotations
 
+import os
 import wave
 from abc import abstractmethod
 from pathlib import Path
@@ -68,21 +69,59 @@ def _check_labels(labels: np.ndarray, k: int, where: str) -> np.ndarray:
 
 
 class _NpySource(WindowSource):
+    """A ``.npy`` stream read one window at a time with ordinary file reads.
+
+    Not a memory map: a file truncated while mapped kills the reading worker with SIGBUS,
+    whereas a read just comes up short and fails that group's request with a reason. A
+    file deleted mid-run fails on the next read too, instead of being served from a map.
+    """
+
     def __init__(self, path: Path, shape: tuple[int, ...] | None, k: int) -> None:
-        self.array = np.load(path, mmap_mode="r", allow_pickle=False)
-        got = tuple(self.array.shape[1:])
+        self.path = path
+        self.array: np.ndarray | None = None  # only for layouts read whole (see below)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                full, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                full, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:  # rare layouts: load the whole array once
+                full, fortran, dtype = (), True, None
+            self.offset = f.tell()
+            size = os.fstat(f.fileno()).st_size
+        if fortran or dtype is None:
+            self.array = np.load(path, allow_pickle=False)
+            full, dtype = self.array.shape, self.array.dtype
+        if dtype.hasobject or dtype.kind not in "biuf":
+            raise ValueError(f"holds {dtype} values, expected numbers")
+        got = tuple(full[1:])
         if shape is not None and got != shape:
             raise ValueError(
-                f"holds windows of shape {list(got)} (array {list(self.array.shape)}), "
+                f"holds windows of shape {list(got)} (array {list(full)}), "
                 f"expected (W, *synthetic-shape) with synthetic-shape {list(shape)}"
             )
-        if self.array.ndim < 2 or self.array.shape[0] == 0:
-            raise ValueError(f"array of shape {list(self.array.shape)} holds no windows")
-        self.n_windows = int(self.array.shape[0])
+        if len(full) < 2 or full[0] == 0:
+            raise ValueError(f"array of shape {list(full)} holds no windows")
+        self.dtype, self.window_shape = dtype, got
+        self.window_bytes = int(np.prod(got)) * dtype.itemsize
+        self.n_windows = int(full[0])
+        if self.array is None and size < self.offset + self.n_windows * self.window_bytes:
+            raise ValueError(
+                f"truncated: {size} bytes, its header promises "
+                f"{self.offset + self.n_windows * self.window_bytes}"
+            )
         self.labels = _sidecar_labels(path, self.n_windows, k)
 
     def window(self, i: int) -> np.ndarray:
-        return np.asarray(self.array[i], dtype=np.float32)
+        if self.array is not None:
+            return np.asarray(self.array[i], dtype=np.float32)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + i * self.window_bytes)
+            raw = f.read(self.window_bytes)
+        if len(raw) < self.window_bytes:
+            raise ValueError(f"truncated: window {i} has {len(raw)} bytes of {self.window_bytes}")
+        x = np.frombuffer(raw, dtype=self.dtype).reshape(self.window_shape)
+        return x.astype(np.float32)
 
 
 _WAV_DTYPES = {1: np.dtype("u1"), 2: np.dtype("<i2"), 4: np.dtype("<i4")}
@@ -287,7 +326,7 @@ def _reason(exc: BaseException, group: int, path: str | None) -> str:
 
 
 class NpyReader(FileReader):
-    """``.npy`` streams of shape ``(W, *synthetic-shape)``, memory-mapped."""
+    """``.npy`` streams of shape ``(W, *synthetic-shape)``, read window by window."""
 
     def open(self, path: Path) -> WindowSource:
         return _NpySource(path, self.shape, self.k)

@@ -8,9 +8,12 @@ and only labels, class scores, predictions and timings travel through Dask.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -18,6 +21,8 @@ from serif_dask.config import Application, SerifConfig
 from serif_dask.worker import current_plugin
 
 logger = logging.getLogger("serif_dask.tasks")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -59,21 +64,125 @@ def _reader(plugin: Any, config: SerifConfig, app: str, modality: str, server: s
     return reader
 
 
-def _call_reader(reader: Any, groups: np.ndarray, tick: int, with_samples: bool):
-    """Read through the reader contract; per-group failures come back in ``errors``."""
-    if not with_samples and hasattr(reader, "labels"):
-        return None, np.asarray(reader.labels(groups, tick), dtype=np.int64), {}
+def isolate(
+    call: Callable[[np.ndarray], T], n: int, first: Exception, budget: int | None = None
+) -> tuple[list[tuple[np.ndarray, T]], dict[int, Exception]]:
+    """After ``call(all n positions)`` raised ``first``, bisect to the positions that raise.
+
+    One bad request in a batch should fail alone, not take the batch down. Bisection finds
+    b bad positions in about ``2·b·log2(n)`` calls; the budget (default ``4·log2(n)``)
+    bounds the cost when everything raises, and a sub-batch still failing when it runs out
+    fails whole. Returns ``([(positions, result), ...], {position: exception})``.
+    """
+    if budget is None:
+        budget = 4 * max(1, math.ceil(math.log2(max(n, 2))))
+    done: list[tuple[np.ndarray, T]] = []
+    failed: dict[int, Exception] = {}
+    todo: list[tuple[np.ndarray, Exception]] = [(np.arange(n), first)]
+    while todo:
+        idx, exc = todo.pop()
+        if idx.size <= 1 or budget < 2:
+            failed.update(dict.fromkeys(idx.tolist(), exc))
+            continue
+        for half in np.array_split(idx, 2):
+            budget -= 1
+            try:
+                done.append((half, call(half)))
+            except Exception as sub:
+                todo.append((half, sub))
+    return done, failed
+
+
+def _contract_problem(
+    samples: Any, labels: Any, n: int, shape: tuple[int, ...] | None, with_samples: bool
+) -> str | None:
+    """Why a reader's output for ``n`` groups breaks the reader contract (None: it does not)."""
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        return f"reader gave labels of shape {list(labels.shape)} for {n} groups"
+    if labels.dtype.kind not in "iu" and not (
+        labels.dtype.kind == "f" and np.all(np.isfinite(labels))
+        and np.all(labels == np.round(labels))
+    ):
+        return f"reader gave labels of type {labels.dtype}, expected integers"
+    if not with_samples:
+        return None
+    samples = np.asarray(samples)
+    if samples.dtype.kind not in "biuf":
+        return f"reader gave samples of type {samples.dtype}, expected numbers"
+    if samples.ndim < 1 or samples.shape[0] != n:
+        return f"reader gave samples of shape {list(samples.shape)} for {n} groups"
+    if shape is not None and tuple(samples.shape[1:]) != shape:
+        return (f"sample shape {list(samples.shape[1:])} from the reader, expected "
+                f"{list(shape)} (synthetic-shape)")
+    return None
+
+
+def _call_reader(
+    reader: Any, groups: np.ndarray, tick: int, with_samples: bool,
+    shape: tuple[int, ...] | None, k: int,
+) -> tuple[np.ndarray | None, np.ndarray, dict[int, str]]:
+    """Read through the reader contract; per-group failures come back in ``errors``.
+
+    A reader that raises is bisected (:func:`isolate`), so a group that makes it raise fails
+    alone; output that breaks the contract (shape, labels) fails its groups ``bad-input``.
+    """
+    n = len(groups)
+    use_labels = not with_samples and hasattr(reader, "labels")
+
+    def call(idx: np.ndarray) -> tuple[Any, Any, dict[Any, Any]]:
+        if use_labels:
+            return None, reader.labels(groups[idx], tick), {}
+        out = reader.read(groups[idx], tick)
+        return out.samples, out.labels, dict(out.errors)
+
     try:
-        out = reader.read(groups, tick)
-    except Exception as exc:  # a reader-wide failure fails its groups, not the tick
-        reason = _reason(exc)
-        return None, np.full(len(groups), -1, dtype=np.int64), {int(g): reason for g in groups}
-    errors = {int(g): str(r) for g, r in out.errors.items()}
-    return (out.samples if with_samples else None), np.asarray(out.labels, np.int64), errors
+        parts, failed = [(np.arange(n), call(np.arange(n)))], {}
+    except Exception as exc:
+        parts, failed = isolate(call, n, exc)
+    labels = np.full(n, -1, dtype=np.int64)
+    errors = {int(groups[i]): _reason(exc) for i, exc in failed.items()}
+    samples: np.ndarray | None = None
+    want = with_samples and not use_labels
+    for idx, (part, part_labels, part_errors) in parts:
+        problem = _contract_problem(part, part_labels, idx.size, shape, want)
+        if problem is None and want:
+            part = np.asarray(part, dtype=np.float32)
+            if samples is None:
+                samples = np.zeros((n, *part.shape[1:]), dtype=np.float32)
+            if samples.shape[1:] != part.shape[1:]:
+                problem = f"sample shapes {list(samples.shape[1:])} and {list(part.shape[1:])} mix"
+            else:
+                samples[idx] = part
+        if problem is not None:
+            errors.update(dict.fromkeys(groups[idx].tolist(), f"bad-input: {problem}"))
+            continue
+        part_labels = np.asarray(part_labels).astype(np.int64)
+        out_of_range = (part_labels < -1) | (part_labels >= k)
+        for g, label in zip(groups[idx][out_of_range].tolist(),
+                            part_labels[out_of_range].tolist(), strict=True):
+            errors[int(g)] = f"bad-input: label {label} outside -1 .. {k - 1}"
+        labels[idx] = np.where(out_of_range, -1, part_labels)
+        errors.update({int(g): _group_reason(r) for g, r in part_errors.items()})
+    if want and samples is None:
+        samples = np.zeros((n, *(shape or ())), dtype=np.float32)
+    return samples, labels, errors
 
 
 def _reason(exc: BaseException) -> str:
     return f"reader-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+
+#: A failure reason already starts with its kind (``bad-input: ...``); see INTERNALS.md.
+_KIND = re.compile(r"^[a-z]+(?:-[a-z]+)*:")
+
+
+def _group_reason(reason: object) -> str:
+    """A reader's own reason for a group, filed under ``reader-error`` unless it has a kind."""
+    text = " ".join(str(reason).split()) or "read failed"
+    if not _KIND.match(text):
+        text = f"reader-error: {text}"
+    return text[:200]
 
 
 def read_task(
@@ -87,7 +196,11 @@ def read_task(
     config = plugin.ensure_run(run_id)
     reader = _reader(plugin, config, app, modality, server)
     group_arr = np.asarray(groups, dtype=np.int64)
-    samples, labels, errors = _call_reader(reader, group_arr, tick, peek or share)
+    shape = config.modality(modality).synthetic_shape
+    samples, labels, errors = _call_reader(
+        reader, group_arr, tick, peek or share, tuple(shape) if shape else None,
+        len(_app(config, app).prior),
+    )
     input_key = refs = None
     if samples is not None:
         bad = ~np.all(np.isfinite(samples.reshape(len(group_arr), -1)), axis=1)
@@ -228,11 +341,8 @@ def _score_real(
             reason = f"weights-unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:200]
             errors.update({int(g): reason for g in groups[ok]})
         else:
-            try:
-                pred[ok] = dataplane.forward(model, samples[ok])
-            except Exception as exc:
-                reason = f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
-                errors.update({int(g): reason for g in groups[ok]})
+            _forward_isolating(dataplane, model, samples, groups, ok, pred, errors,
+                               len(app_cfg.prior))
         ok = np.asarray([int(g) not in errors for g in groups], dtype=bool)
     return {
         "groups": groups,
@@ -246,3 +356,28 @@ def _score_real(
         "model": profile.name,
         "retrieval_s": fetch_s,
     }
+
+
+def _forward_isolating(
+    dataplane: Any, model: Any, samples: np.ndarray, groups: np.ndarray, ok: np.ndarray,
+    pred: np.ndarray, errors: dict[int, str], k: int,
+) -> None:
+    """One batched forward; when it raises, bisect so that only the requests that make it
+    raise fail ``model-error``. Predictions outside ``0 .. k-1`` fail their request too."""
+    rows = np.flatnonzero(ok)
+
+    def call(idx: np.ndarray) -> np.ndarray:
+        return dataplane.forward(model, samples[rows[idx]])
+
+    try:
+        parts, failed = [(np.arange(rows.size), call(np.arange(rows.size)))], {}
+    except Exception as exc:
+        parts, failed = isolate(call, rows.size, exc)
+    for i, exc in failed.items():
+        reason = f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+        errors[int(groups[rows[i]])] = reason
+    for idx, out in parts:
+        pred[rows[idx]] = out
+        bad = (out < 0) | (out >= k)
+        for r, p in zip(rows[idx][bad].tolist(), out[bad].tolist(), strict=True):
+            errors[int(groups[r])] = f"model-error: prediction {p} outside 0 .. {k - 1}"
