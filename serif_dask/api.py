@@ -3,22 +3,27 @@
 >>> from distributed import Client                      # doctest: +SKIP
 >>> serif = Serif(client, "configs/hospital")           # doctest: +SKIP
 >>> summary = serif.run(duration=10)                    # doctest: +SKIP
+>>> record = serif.submit("wakeword", 3, audio).result()  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from distributed import Client
+from distributed import Client, Future
 
-from serif_dask.config import SerifConfig, load_config
+from serif_dask.config import ResultsStream, SerifConfig, load_config
 from serif_dask.driver import Driver, RunOptions
 from serif_dask.scheduler import install as install_scheduler_plugin
+from serif_dask.submit import check_request, submit_task
 from serif_dask.worker import SerifWorkerPlugin
 
 logger = logging.getLogger("serif_dask")
@@ -49,7 +54,11 @@ def resolve_seed(seed: int | None, config: SerifConfig) -> int:
 
 
 class Serif:
-    """serif-dask on the cluster behind ``client``: installs the plugins, runs the ticks."""
+    """serif-dask on the cluster behind ``client``: installs the plugins, runs the ticks.
+
+    ``results_stream`` names a Redis stream that receives every record of a run (it
+    overrides the key of the system config's ``results-stream``).
+    """
 
     def __init__(
         self,
@@ -61,6 +70,7 @@ class Serif:
         seed: int | None = None,
         records: str | Path | None = None,
         on_records: Callable[[list[dict[str, Any]]], None] | None = None,
+        results_stream: str | None = None,
     ):
         if not isinstance(config, SerifConfig):
             paths = [config] if isinstance(config, str | Path) else list(config)
@@ -72,7 +82,13 @@ class Serif:
         self.seed = resolve_seed(seed, config)
         self.records = Path(records) if records else None
         self.on_records = on_records
+        self.results_stream: ResultsStream | None = config.system.results_stream
+        if results_stream:
+            base = self.results_stream or ResultsStream()
+            self.results_stream = base.model_copy(update={"key": results_stream})
         self.driver: Driver | None = None
+        self._adhoc: Driver | None = None  # a configured run for submit() when none ran
+        self._adhoc_lock = threading.Lock()
         self._summary: dict[str, Any] | None = None
         self._redis: Any = None  # RedisHandle, when this run needs Redis
         if not client.asynchronous:
@@ -85,8 +101,11 @@ class Serif:
 
     @property
     def needs_redis(self) -> bool:
-        """Real models keep their weights (and cross-node inputs) in Redis."""
-        return any(not p.use_profile for a in self.config.apps for p in a.model_profiles)
+        """Real models keep their weights (and cross-node inputs) in Redis; so does a
+        results stream."""
+        return self.results_stream is not None or any(
+            not p.use_profile for a in self.config.apps for p in a.model_profiles
+        )
 
     def prepare_redis(self) -> dict[str, Any] | None:
         """Reach (or start, embedded) the run's Redis and push any weights it lacks."""
@@ -101,6 +120,7 @@ class Serif:
 
     def close(self) -> None:
         """Stop what this object started (an embedded redis-server)."""
+        self._adhoc = None
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
@@ -132,13 +152,86 @@ class Serif:
         await self.install()
         loop = asyncio.get_running_loop()
         redis = await loop.run_in_executor(None, self.prepare_redis)
-        self.driver = Driver(self.client, self.config, self.options(duration, redis=redis))
-        self._summary = await self.driver.run(progress)
+        options = self.options(duration, redis=redis)
+        sink = self._sink()
+        if sink is not None:
+            options = dataclasses.replace(options, on_records=_both(sink.put, self.on_records))
+        self._adhoc = None  # this run replaces any ad-hoc one on the scheduler
+        self.driver = Driver(self.client, self.config, options)
+        try:
+            self._summary = await self.driver.run(progress)
+        finally:
+            if sink is not None:
+                await loop.run_in_executor(None, sink.close)
         return self._summary
+
+    def _sink(self) -> Any:
+        """The run's results stream writer, when one is configured."""
+        if self.results_stream is None or self._redis is None:
+            return None
+        from serif_dask.sink import StreamSink
+
+        handle = self._redis
+        return StreamSink(lambda: handle.connect(socket_timeout=5.0),
+                          self.results_stream.key, self.results_stream.maxlen)
 
     def run(self, duration: float | None = None) -> dict:
         """Blocking form of :meth:`run_async`."""
         return self.client.sync(self.run_async, duration)
+
+    # -- ad-hoc requests ---------------------------------------------------------------------
+    async def open_async(self) -> str:
+        """Make :meth:`submit` possible without :meth:`run`; returns the run id it uses.
+
+        Configures a run on the scheduler plugin (this object's config, policy and seed) and
+        fits each application's SneakPeek estimator, once. A run of this object, active or
+        finished, is used as it is. With a synchronous client ``submit`` calls this itself.
+        """
+        session = self.driver or self._adhoc
+        if session is not None:
+            return session.run_id
+        await self.install()
+        loop = asyncio.get_running_loop()
+        redis = await loop.run_in_executor(None, self.prepare_redis)
+        driver = Driver(self.client, self.config, self.options(0, redis=redis))
+        await driver.configure()
+        self._adhoc = driver
+        return driver.run_id
+
+    def open(self) -> str:
+        """Blocking form of :meth:`open_async`."""
+        with self._adhoc_lock:
+            return self.client.sync(self.open_async)
+
+    def submit(self, app: str, group: int, sample: Any, *, label: int | None = None) -> Future:
+        """Send one ad-hoc request through peek → plan → score; a Future of its record.
+
+        ``sample`` is one input of the application's modality (its ``synthetic-shape``), or
+        ``{modality: sample}`` when it reads several; ``label``, when known, scores the
+        record's utility and accuracy. Bad input raises ``ValueError`` here; whatever goes
+        wrong later gives a record with outcome ``failed`` and a ``reason``. The record has
+        the JSONL fields (``tick`` is None), its ``request`` id and ``pi``, the group's class
+        estimate after the peek. Ad-hoc requests are not counted in a run's summary.
+        """
+        _, group, samples, label_ = check_request(self.config, app, group, sample, label)
+        session = self.driver or self._adhoc
+        if session is None:
+            if self.client.asynchronous:
+                raise RuntimeError("with an asynchronous client, await serif.open_async() "
+                                   "before the first submit outside a run")
+            self.open()
+            session = self.driver or self._adhoc
+            assert session is not None
+        # Only a fitted estimator: a fit still pending (or lost with its data worker) must
+        # not hold the request back; the plan then uses the group's belief as it stands.
+        estimator = session.estimators.get(app)
+        if estimator is not None and estimator.status != "finished":
+            estimator = None
+        request = uuid.uuid4().hex
+        return self.client.submit(
+            submit_task, session.run_id, app, group, samples, label_, time.time(), estimator,
+            request, key=f"serif-submit-{request}", pure=False,
+        )
 
     def stop(self) -> None:
         if self.driver is not None:
@@ -151,3 +244,17 @@ class Serif:
         if self.driver is not None:
             return self.driver.summary()
         raise RuntimeError("nothing has run yet")
+
+
+def _both(
+    first: Callable[[list[dict[str, Any]]], None],
+    second: Callable[[list[dict[str, Any]]], None] | None,
+) -> Callable[[list[dict[str, Any]]], None]:
+    """One ``on_records`` callback that feeds the results stream, then the user's."""
+
+    def on_records(records: list[dict[str, Any]]) -> None:
+        first(records)
+        if second is not None:
+            second(records)
+
+    return on_records

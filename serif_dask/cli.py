@@ -83,6 +83,9 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
               help="Write the summary JSON here.")
 @click.option("--records", type=click.Path(dir_okay=False), default=None,
               help="Write one JSON line per request here.")
+@click.option("--results-stream", metavar="KEY", default=None,
+              help="Also XADD every record to this Redis stream (maxlen from the system "
+              "config's results-stream, else 10000).")
 @click.option("--simulate", is_flag=True,
               help="Run every model in profile mode and every modality on synthetic data.")
 @click.option("--scheduler-address", default=None,
@@ -93,6 +96,7 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
 def run(
     config: tuple[str, ...], duration: float | None, policy: str | None,
     data_aware: bool | None, seed: int | None, json_path: str | None, records: str | None,
+    results_stream: str | None,
     simulate: bool, scheduler_address: str | None, dashboard_address: str | None, quiet: bool,
 ) -> None:
     """Serve CONFIG: tick every application, schedule, score, and print a summary."""
@@ -114,6 +118,7 @@ def run(
             data_aware=data_aware,
             seed=seed,
             records=Path(records) if records else None,
+            results_stream=results_stream,
             scheduler_address=scheduler_address,
             dashboard_address=dashboard_address,
             progress=not quiet and sys.stdout.isatty(),

@@ -59,6 +59,7 @@ async def run_deployment(
     data_aware: bool | None,
     seed: int | None,
     records: Path | None,
+    results_stream: str | None = None,
     scheduler_address: str | None,
     dashboard_address: str | None,
     progress: bool,
@@ -95,7 +96,8 @@ async def run_deployment(
         if stopped:
             return None, _signal_status(stopped)
         serif = Serif(
-            client, config, policy=policy, data_aware=data_aware, seed=seed, records=records
+            client, config, policy=policy, data_aware=data_aware, seed=seed, records=records,
+            results_stream=results_stream,
         )
         await serif.install()
         bar = _Progress() if progress else None

@@ -1,0 +1,252 @@
+"""Ad-hoc requests: one sample through the same peek → plan → score path as a tick.
+
+:meth:`serif_dask.Serif.submit` checks the request on the client (:func:`check_request`)
+and submits :func:`submit_task`, an ordinary Dask task, so the caller holds a real
+``Future`` of the request's record. On a worker that task peeks at the sample with the
+application's fitted SneakPeek estimator, asks the scheduler plugin's ``serif_plan`` handler
+for a model and a worker (the plugin's policy, beliefs and worker bookings, as for a tick),
+submits :func:`score_sample_task` pinned to that GPU worker with the sample inline, and
+returns the record. Every outcome is a record (completed, dropped or failed with a
+reason); nothing waits without a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from distributed import worker_client
+from distributed.protocol.pickle import dumps
+
+from serif_dask.config import Application, SerifConfig
+from serif_dask.records import Chunk, completed_utility
+from serif_dask.tasks import ReadResult, _app, score_task
+from serif_dask.worker import current_plugin
+
+logger = logging.getLogger("serif_dask.submit")
+
+#: Seconds past a request's last useful moment (2 × sla) its score task may still take.
+GRACE_S = 30.0
+#: How often a waiting request checks that its score worker is still there.
+POLL_S = 1.0
+
+
+def request_modalities(config: SerifConfig, app: Application) -> tuple[str, ...]:
+    """The inputs a request of ``app`` carries: its models' modalities and the peeked one."""
+    from serif_dask.driver import peek_modality
+
+    return tuple(sorted({p.modality for p in app.model_profiles} | {peek_modality(config, app)}))
+
+
+def check_request(
+    config: SerifConfig, app: str, group: Any, sample: Any, label: Any = None
+) -> tuple[Application, int, dict[str, np.ndarray], int]:
+    """Validate an ad-hoc request on the client; raise ``ValueError`` naming the problem.
+
+    ``sample`` is one array, or a ``{modality: array}`` mapping when the application reads
+    several modalities; each must have its modality's ``synthetic-shape`` and finite values.
+    Returns (application, group, float32 samples per modality, label or -1).
+    """
+    names = [a.name for a in config.apps]
+    if app not in names:
+        raise ValueError(f"unknown application {app!r}; known: {', '.join(names)}")
+    app_cfg = config.app(app)
+    n = config.data.num_groups
+    if isinstance(group, bool) or not isinstance(group, int | np.integer):
+        raise ValueError(f"group must be an integer, got {type(group).__name__}")
+    if not 0 <= int(group) < n:
+        raise ValueError(f"group {int(group)} is out of range 0 .. {n - 1}")
+    if label is None:
+        label = -1
+    elif isinstance(label, bool) or not isinstance(label, int | np.integer) or not (
+        0 <= int(label) < app_cfg.k
+    ):
+        raise ValueError(f"label must be an integer in 0 .. {app_cfg.k - 1} or None, got {label!r}")
+    mods = request_modalities(config, app_cfg)
+    if isinstance(sample, Mapping):
+        given = dict(sample)
+        missing = [m for m in mods if m not in given]
+        extra = [m for m in given if m not in mods]
+        if missing or extra:
+            raise ValueError(
+                f"{app} takes samples of {', '.join(mods)}; "
+                + (f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(extra)}")
+            )
+    elif len(mods) == 1:
+        given = {mods[0]: sample}
+    else:
+        raise ValueError(f"{app} reads several modalities: give {{modality: sample}} for "
+                         f"{', '.join(mods)}")
+    samples = {}
+    for mod, value in given.items():
+        try:
+            arr = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"{mod} sample is not numeric") from None
+        shape = tuple(config.modality(mod).synthetic_shape)
+        if arr.shape != shape:
+            raise ValueError(f"{mod} sample has shape {list(arr.shape)}, expected {list(shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{mod} sample holds NaN or inf")
+        samples[mod] = arr
+    return app_cfg, int(group), samples, int(label)
+
+
+def submit_task(
+    run_id: str, app: str, group: int, samples: dict[str, np.ndarray], label: int,
+    arrival: float, estimator: Any, request: str,
+) -> dict[str, Any]:
+    """Peek, plan and score one request; return its record (never raises for the request)."""
+    plugin = current_plugin()
+    tick = int(request[:7], 16)  # a fresh, reproducible draw for profile-mode predictions
+    try:
+        config = plugin.ensure_run(run_id)
+        app_cfg = _app(config, app)
+    except Exception as exc:  # the scheduler moved on to another run
+        logger.warning("serif: ad-hoc request %s: %s", request, exc)
+        return _record(None, app, group, label, arrival, "failed",
+                       f"run-changed: {exc}".splitlines()[0][:200], request)
+
+    from serif_dask.driver import peek_modality
+
+    scores = np.full((1, app_cfg.k), np.nan)
+    peek_mod = peek_modality(config, app_cfg)
+    if estimator is not None:
+        try:
+            scores[0] = np.asarray(estimator.scores(samples[peek_mod][None]), dtype=float)[0]
+        except Exception:  # the plan falls back to the group's belief, as for a failed peek
+            logger.warning("serif: peek of ad-hoc request %s failed", request, exc_info=True)
+
+    with worker_client() as client:
+        try:
+            plan = client.sync(
+                client.scheduler.serif_plan, app=app, tick=tick, groups=[group],
+                arrival=[arrival], scores=dumps(scores),
+                input_node={m: [plugin.node] for m in samples}, request=request, run_id=run_id,
+            )
+        except Exception as exc:
+            reason = str(exc) if str(exc).startswith("run-changed") else f"submit-error: {exc}"
+            return _record(app_cfg, app, group, label, arrival, "failed",
+                           reason.splitlines()[0][:200], request)
+        pi = plan["pi"]
+        if plan["dropped"]:
+            return _record(app_cfg, app, group, label, arrival, "dropped",
+                           plan["drop_reason"], request, pi=pi)
+        batch = plan["batches"][0]
+        profile = next(p for p in app_cfg.model_profiles if p.name == batch["model"])
+        read = ReadResult(
+            app=app, modality=profile.modality, server="", tick=tick, worker="",
+            node=plugin.node, groups=np.asarray([group], dtype=np.int64),
+            labels=np.asarray([label], dtype=np.int64),
+        )
+        future = client.submit(
+            score_sample_task, run_id, app, batch["model"], read, samples[profile.modality],
+            key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
+            resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)), pure=False,
+        )
+        result, reason = _wait(client, future, batch["worker"],
+                               time.time() + 2 * app_cfg.sla_latency + GRACE_S)
+    if result is None:
+        return _record(app_cfg, app, group, label, arrival, "failed", reason, request,
+                       model=batch["model"], worker=batch["worker"], pi=pi)
+    if not result["ok"][0]:
+        return _record(app_cfg, app, group, label, arrival, "failed",
+                       result["errors"].get(group, "model-error"), request,
+                       model=result["model"], worker=result["worker"], pi=pi)
+    return _record(app_cfg, app, group, label, arrival, "completed", "", request,
+                   model=result["model"], worker=result["worker"], pi=pi,
+                   finish=float(np.ravel(result["finish"])[0]), prediction=int(result["pred"][0]))
+
+
+def _wait(client: Any, future: Any, worker: str, deadline: float) -> tuple[Any, str]:
+    """The score result, or (None, reason) when it erred, its worker left or time ran out."""
+    while True:
+        try:
+            return future.result(timeout=POLL_S), ""
+        except TimeoutError:
+            pass
+        except (Exception, asyncio.CancelledError) as exc:
+            return None, f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+        if worker not in client.nthreads():
+            reason = "worker-lost"
+        elif time.time() > deadline:
+            reason = "submit-error: no result from the score task in time"
+        else:
+            continue
+        future.cancel()
+        return None, reason
+
+
+def score_sample_task(
+    run_id: str, app: str, model: str, read: ReadResult, sample: np.ndarray
+) -> dict[str, Any]:
+    """On the GPU worker: score one inline sample, as a batch of one.
+
+    Profile-mode models take the tick path unchanged (the sample is not needed there); a
+    real model gets the sample straight from the task's arguments instead of shared memory.
+    """
+    plugin = current_plugin()
+    config = plugin.ensure_run(run_id)
+    app_cfg = _app(config, app)
+    profile = next(p for p in app_cfg.model_profiles if p.name == model)
+    if profile.use_profile:
+        return score_task(run_id, app, model, read.groups.tolist(), [read], read.tick)
+
+    from serif_dask import dataplane
+
+    started = time.time()
+    group = int(read.groups[0])
+    pred = np.full(1, -1, dtype=np.int64)
+    errors: dict[int, str] = {}
+    try:
+        loaded, _ = dataplane.load_model(plugin, app_cfg, profile)
+    except Exception as exc:  # Redis down, weights missing or corrupted
+        errors[group] = f"weights-unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+    else:
+        try:
+            pred[:] = dataplane.forward(loaded, np.asarray(sample, dtype=np.float32)[None])
+        except Exception as exc:
+            errors[group] = f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+    return {
+        "groups": read.groups, "pred": pred, "labels": read.labels,
+        "ok": np.asarray([not errors]), "errors": errors, "start": started,
+        "finish": time.time(), "model": model,
+        "worker": str(plugin.worker.name) if plugin.worker else "",
+    }
+
+
+def _record(
+    app_cfg: Application | None, app: str, group: int, label: int, arrival: float,
+    outcome: str, reason: str, request: str, *, model: str = "", worker: str = "",
+    pi: bytes | None = None, finish: float = float("nan"), prediction: int = -1,
+) -> dict[str, Any]:
+    """The request's record: the JSONL fields (``tick`` is None), ``request`` and ``pi``."""
+    labels = np.asarray([label], dtype=np.int64)
+    utility = np.zeros(1)
+    latency = np.asarray([finish - arrival])
+    if app_cfg is not None:
+        if outcome == "completed":
+            utility = completed_utility(
+                latency, app_cfg.sla_latency, np.asarray(app_cfg.utility_matrix, dtype=float),
+                np.asarray(app_cfg.prior, dtype=float), labels, np.asarray([prediction]),
+            )
+        else:
+            utility = np.full(1, float(app_cfg.miss_utility))
+    chunk = Chunk(
+        app=app, tick=-1, model=model, worker=worker, outcome=outcome,
+        group=np.asarray([group]), arrival=np.asarray([arrival]), finish=np.asarray([finish]),
+        prediction=np.asarray([prediction]), label=labels, utility=utility,
+        deadline_met=latency <= (app_cfg.sla_latency if app_cfg else 0.0), reason=[reason],
+    )
+    record = next(chunk.rows())
+    record["tick"] = None
+    record["request"] = request
+    if pi is not None:
+        from distributed.protocol.pickle import loads
+
+        record["pi"] = [float(x) for x in np.asarray(loads(pi), dtype=float)[0]]
+    return record
