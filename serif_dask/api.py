@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from distributed import Client, Future
+from distributed.protocol.pickle import loads
 
 from serif_dask.config import ResultsStream, SerifConfig, load_config
-from serif_dask.driver import Driver, RunOptions
+from serif_dask.driver import Driver, RunOptions, peek_modality
 from serif_dask.scheduler import install as install_scheduler_plugin
 from serif_dask.submit import check_request, submit_task
+from serif_dask.tasks import fit_task
 from serif_dask.worker import SerifWorkerPlugin
 
 logger = logging.getLogger("serif_dask")
@@ -183,9 +185,12 @@ class Serif:
     async def open_async(self) -> str:
         """Make :meth:`submit` possible without :meth:`run`; returns the run id it uses.
 
-        Configures a run on the scheduler plugin (this object's config, policy and seed) and
-        fits each application's SneakPeek estimator, once. A run of this object, active or
-        finished, is used as it is. With a synchronous client ``submit`` calls this itself.
+        A run of this object, active or finished, is used as it is. Else, when the scheduler
+        plugin serves a run of the same config (another process's ``serif-dask run``, say),
+        requests join it; otherwise this object's config, policy and seed are configured as
+        a new run, which replaces the one the scheduler served. Either way each
+        application's SneakPeek estimator is fitted once. With a synchronous client
+        ``submit`` calls this itself.
         """
         session = self.driver or self._adhoc
         if session is not None:
@@ -194,9 +199,30 @@ class Serif:
         loop = asyncio.get_running_loop()
         redis = await loop.run_in_executor(None, self.prepare_redis)
         driver = Driver(self.client, self.config, self.options(0, redis=redis))
-        await driver.configure()
+        current = await self.client.scheduler.serif_get_config()
+        if current.get("config") is not None and loads(current["config"]) == self.config:
+            driver.run_id = current["run_id"]
+            await self._fit_estimators(driver)
+        else:
+            await driver.configure()
         self._adhoc = driver
         return driver.run_id
+
+    async def _fit_estimators(self, driver: Driver) -> None:
+        """Fit SneakPeek for a run configured by someone else (its own fits are theirs)."""
+        data = {w["node"]: w["address"] for w in
+                (await self.client.scheduler.serif_state())["workers"] if w["role"] == "data"}
+        for app in self.config.apps:
+            mod = peek_modality(self.config, app)
+            server = next((s for s in self.config.server_names
+                           if self.config.groups_of(s, mod) and s in data), None)
+            if server is not None:
+                driver.estimators[app.name] = self.client.submit(
+                    fit_task, driver.run_id, app.name, mod, server, workers=[data[server]],
+                    key=f"serif-fit-{driver.run_id}-{app.name}-{uuid.uuid4().hex[:8]}",
+                    allow_other_workers=False, pure=False,
+                )
+        await asyncio.gather(*driver.estimators.values(), return_exceptions=True)
 
     def open(self) -> str:
         """Blocking form of :meth:`open_async`."""
