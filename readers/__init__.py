@@ -15,6 +15,12 @@ malformed file ...) never takes the batch down: its row is marked ``ok=False``, 
 is in ``errors`` and every other group is read normally. The caller turns such rows into
 *failed* requests. Only errors that concern the whole reader (bad configuration) raise.
 
+**Writing in place.** A reader may take ``read(groups, tick, *, out=None)``: ``out`` is a
+writable float32 ``(n, *shape)`` array with C-contiguous rows (not necessarily adjacent:
+reserved slots of the node's shared-memory cache) that it fills and returns as
+``samples``, so the engine shares the samples without copying them. Without ``out`` a
+reader returns a new array on every call.
+
 ``calibration(n, start=0)`` returns ``n`` labelled samples for fitting the SneakPeek
 estimator (a deterministic sequence, so it may be fetched in chunks via ``start``); it
 raises :class:`NoCalibrationData` when the reader has no labelled data, and the caller

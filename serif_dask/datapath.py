@@ -385,23 +385,29 @@ class ShmCache:
         view.flags.writeable = False
         return view
 
-    def rows(self, refs: Sequence[SlotRef]) -> np.ndarray | None:
+    def rows(self, refs: Sequence[SlotRef | None]) -> np.ndarray | None:
         """``refs`` as one read-only ``(n, *shape)`` view when they sit in adjacent slots
         in order (as one reservation writes them) and the view is C-contiguous; else None.
 
-        Like :meth:`get`, the view is only good while every ref stays :meth:`valid`.
+        A None entry is a row the caller will not use (a failed group): the view still
+        spans its slot, whatever that holds.  Like :meth:`get`, the view is only good
+        while every ref stays :meth:`valid`.
         """
-        if not refs:
+        given = [(i, r) for i, r in enumerate(refs) if r is not None]
+        if not given:
             return None
-        head = refs[0]
-        for ref in refs:
+        i0, head = given[0]
+        base = head.slot - i0
+        for _, ref in given:
             self._own(ref)
-        if any(r.slot != head.slot + i or r.shape != head.shape or r.dtype != head.dtype
-               for i, r in enumerate(refs)) or head.slot + len(refs) > self.entries:
+        if base < 0 or base + len(refs) > self.entries or any(
+            r.slot != base + i or r.shape != head.shape or r.dtype != head.dtype
+            for i, r in given
+        ):
             return None
-        for ref in refs:
+        for _, ref in given:
             self.check(ref)
-        view = self._rows(head.slot, len(refs), tuple(head.shape), np.dtype(head.dtype),
+        view = self._rows(base, len(refs), tuple(head.shape), np.dtype(head.dtype),
                           writeable=False)
         return view if view.flags.c_contiguous else None
 
@@ -541,15 +547,15 @@ def read(ref: SlotRef, copy: bool = False, *, out: np.ndarray | None = None) -> 
     return _attachment(ref).get(ref, copy=copy, out=out)
 
 
-def read_rows(refs: Sequence[SlotRef]) -> np.ndarray | None:
+def read_rows(refs: Sequence[SlotRef | None]) -> np.ndarray | None:
     """A batch of refs as one zero-copy ``(n, *shape)`` view when one reservation wrote
     them in this order (see :meth:`ShmCache.rows`), else None; check :func:`valid` for
     each ref after using it."""
-    if not refs or any(r.token != refs[0].token or r.modality != refs[0].modality
-                       or r.node != refs[0].node or r.run_id != refs[0].run_id
-                       for r in refs):
+    given = [r for r in refs if r is not None]
+    if not given or any((r.run_id, r.node, r.modality, r.token) != (
+            given[0].run_id, given[0].node, given[0].modality, given[0].token) for r in given):
         return None
-    return _attachment(refs[0]).rows(refs)
+    return _attachment(given[0]).rows(refs)
 
 
 def valid(ref: SlotRef) -> bool:

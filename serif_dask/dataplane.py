@@ -1,16 +1,22 @@
 """Worker-side data plane: inputs through shared memory or Redis, weights from Redis.
 
-Samples read on a node are written once into that node's shared-memory cache; a score
-task on the same node reads them zero-copy, one on another node gets them through Redis
-(an *export* task on the data worker puts them there). Model weights come from Redis,
-verified by hash, and load into the worker's LRU model cache. Nothing here runs on the
-scheduler.
+Samples read on a node land once in that node's shared-memory cache: a reader that takes
+``out=`` renders straight into reserved slots, any other is copied in once. A score task
+on the same node reads its batch as one zero-copy view when the slots are adjacent (and
+copies once, into a reused buffer, when they are not); one on another node gets them
+through Redis (an *export* task on the data worker puts them there). Zero-copy rows are
+re-checked after use, so a slot reused meanwhile fails its request ``input-stale``.
+Model weights come from Redis, verified by hash, and load into the worker's LRU model
+cache. Nothing here runs on the scheduler.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,7 +32,8 @@ class InputUnavailable(RuntimeError):
 
 
 def shm_cache(plugin: Any, config: SerifConfig, modality: str, server: str) -> Any:
-    """The shared-memory cache this data worker writes for ``modality`` (created once)."""
+    """The shared-memory cache this data worker writes for ``modality``: created on first
+    use and kept (mapped, pages faulted in) for the whole run."""
     cache = plugin.shm.get(modality)
     if cache is None:
         mod = config.modality(modality)
@@ -39,15 +46,51 @@ def shm_cache(plugin: Any, config: SerifConfig, modality: str, server: str) -> A
     return cache
 
 
-def put_samples(
-    plugin: Any, config: SerifConfig, modality: str, server: str, samples: np.ndarray,
-    groups: np.ndarray, errors: dict[int, str],
-) -> list[Any]:
-    """Write each good sample to the node's cache; a too-large input fails its group."""
-    cache = shm_cache(plugin, config, modality, server)
-    refs: list[Any] = []
+@functools.lru_cache(maxsize=64)
+def _takes_out(read: Any) -> bool:
+    try:
+        return "out" in inspect.signature(read).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def reserve_samples(cache: datapath.ShmCache, reader: Any, n: int,
+                    ) -> datapath.Reservation | None:
+    """Slots for ``reader`` to fill in place (``reader.read(..., out=res.array)``), or None
+    when it cannot: no ``out`` parameter, shape unknown until read, too large, or more
+    groups than slots. The caller then reads normally and :func:`share_samples` copies."""
+    shape = getattr(reader, "shape", None) or getattr(reader, "declared_shape", None)
+    if not shape or not 0 < n <= cache.entries or not _takes_out(type(reader).read):
+        return None
+    try:
+        return cache.reserve(n, tuple(shape), np.float32)
+    except datapath.InputTooLarge:
+        return None  # share_samples fails each group with the clear message
+
+
+def share_samples(
+    cache: datapath.ShmCache, samples: np.ndarray | None, groups: np.ndarray,
+    errors: dict[int, str], reservation: datapath.Reservation | None = None,
+) -> list[datapath.SlotRef | None]:
+    """Publish each good sample in the cache (refs aligned with ``groups``, None for a
+    failed group); a too-large input fails its group ``input-too-large``.
+
+    With a ``reservation`` the reader normally wrote into it already and this only
+    commits; a reader that ignored ``out`` is copied in once.
+    """
+    ok = [int(g) not in errors for g in groups]
+    if reservation is not None and samples is not None:
+        try:
+            if samples is not reservation.array:
+                reservation.array[...] = samples
+            return reservation.commit(ok)
+        except ValueError:  # the reader's shape differs from the declared one
+            pass
+    if reservation is not None:
+        reservation.abort()
+    refs: list[datapath.SlotRef | None] = []
     for i, group in enumerate(groups):
-        if int(group) in errors:
+        if samples is None or not ok[i]:
             refs.append(None)
             continue
         try:
@@ -58,6 +101,16 @@ def put_samples(
     return refs
 
 
+def put_samples(
+    plugin: Any, config: SerifConfig, modality: str, server: str, samples: np.ndarray | None,
+    groups: np.ndarray, errors: dict[int, str],
+    reservation: datapath.Reservation | None = None,
+) -> list[Any]:
+    """:func:`share_samples` into this data worker's cache for ``modality``."""
+    cache = shm_cache(plugin, config, modality, server)
+    return share_samples(cache, samples, groups, errors, reservation)
+
+
 def redis_client(plugin: Any) -> Any:
     """This worker's Redis client for the current run (connected on first use)."""
     if plugin.redis is None:
@@ -66,7 +119,10 @@ def redis_client(plugin: Any) -> Any:
         info = plugin.redis_info
         if not info:
             raise RuntimeError("this run has no Redis (no model needs one)")
-        plugin.redis = connect([tuple(n) for n in info["nodes"]], info.get("password"))
+        from serif_dask.redis_server import tls_options
+
+        tls = tls_options(plugin.config.system) if plugin.config is not None else {}
+        plugin.redis = connect([tuple(n) for n in info["nodes"]], info.get("password"), **tls)
     return plugin.redis
 
 
@@ -87,62 +143,135 @@ def export_inputs(plugin: Any, read: Any, groups: list[int], ttl_s: float) -> di
             continue  # the score task reports it as input-stale
         key = f"{read.app}:{read.tick}:{read.modality}:{group}:{plugin.run_id}"
         store.put(key, sample, ttl_s)
+        if not datapath.valid(ref):  # rewritten while it was being sent
+            store.delete(key)
+            continue
         keys[group] = key
     return keys
+
+
+@dataclass
+class Inputs:
+    """A score task's batch: ``samples`` rows aligned with its groups (a failed group's
+    row holds nothing meaningful), either one zero-copy view of the shared-memory slots
+    or one copy in a reused buffer."""
+
+    samples: np.ndarray | None
+    fetch_s: float = 0.0  # spent fetching inputs of other nodes from Redis
+    views: list[tuple[int, datapath.SlotRef]] = field(default_factory=list)
+    buffer: np.ndarray | None = None
+
+    def stale(self) -> list[int]:
+        """Rows read zero-copy whose slot was reused while the batch was in use: their
+        results are another group's and must be thrown away.  Call after the forward."""
+        return [r for r, ref in self.views if not datapath.valid(ref)]
+
+    def release(self) -> None:
+        """Give the copy buffer back for the next batch (idempotent)."""
+        if self.buffer is not None:
+            datapath.release_buffer(self.buffer)
+            self.buffer = None
+        self.samples = None
 
 
 def gather_inputs(
     plugin: Any, groups: np.ndarray, reads: list[Any], exports: list[dict[int, str]],
     errors: dict[int, str],
-) -> tuple[np.ndarray | None, float]:
-    """The batch's samples, stacked; groups whose input is gone get an error instead.
+) -> Inputs:
+    """The batch's samples; groups whose input is gone get an error instead.
 
-    Returns (samples or None when nothing is left, seconds spent fetching remote inputs).
+    Local inputs that one read wrote into adjacent slots, in this order, become the batch
+    without a copy (the common case: a score task scoring a read's groups); otherwise each
+    row is copied once into a reused buffer, checked against slot reuse as it is copied.
     """
     remote: dict[int, str] = {}
     for e in exports:
         remote.update(e)
-    rows: list[np.ndarray | None] = [None] * len(groups)
-    fetch_s = 0.0
+    local: list[datapath.SlotRef | None] = [None] * len(groups)
+    keys: dict[int, str] = {}
     for read in reads:
         if read.refs is None:
             continue
         index = {int(g): i for i, g in enumerate(read.groups)}
-        local = read.node == plugin.node
+        is_local = read.node == plugin.node
         for r, group in enumerate(groups):
             g = int(group)
             if g in errors or g not in index:
                 continue
-            if local:
-                ref = read.refs[index[g]]
-                if ref is None:
-                    continue
-                try:
-                    rows[r] = datapath.read(ref, copy=True)
-                except datapath.StaleSlot:
-                    errors[g] = "input-stale: its cache slot was reused (raise cache-entries)"
+            if is_local:
+                local[r] = read.refs[index[g]]
             elif g in remote:
-                from serif_dask.store import InputMissing, InputStore
-
-                try:
-                    sample, seconds = InputStore(redis_client(plugin)).get_timed(remote[g])
-                except InputMissing:
-                    errors[g] = "input-missing: its Redis copy expired"
-                    continue
-                rows[r] = sample
-                fetch_s += seconds
+                keys[r] = remote[g]
     for r, group in enumerate(groups):
-        if rows[r] is None and int(group) not in errors:
+        if local[r] is None and r not in keys and int(group) not in errors:
             errors[int(group)] = "input-unavailable"
-    good = [row for row in rows if row is not None]
-    if not good:
-        return None, fetch_s
-    shape = good[0].shape
-    batch = np.zeros((len(groups), *shape), dtype=np.float32)
-    for r, row in enumerate(rows):
-        if row is not None:
-            batch[r] = row
-    return batch, fetch_s
+
+    if not keys and any(ref is not None for ref in local):
+        batch = _shared_view(local, groups, errors)
+        if batch is not None:
+            views = [(r, ref) for r, ref in enumerate(local) if ref is not None]
+            return Inputs(batch, views=views)
+
+    fetched: dict[int, np.ndarray] = {}
+    fetch_s = 0.0
+    if keys:
+        from serif_dask.store import InputMissing, InputStore
+
+        store = InputStore(redis_client(plugin))
+        for r, key in keys.items():
+            try:
+                fetched[r], seconds = store.get_timed(key)
+            except InputMissing:
+                errors[int(groups[r])] = "input-missing: its Redis copy expired"
+                continue
+            fetch_s += seconds
+    shapes = [tuple(ref.shape) for r, ref in enumerate(local)
+              if ref is not None and int(groups[r]) not in errors]
+    shapes += [x.shape for x in fetched.values()]
+    if not shapes:
+        return Inputs(None, fetch_s)
+    buffer = datapath.take_buffer(len(groups), shapes[0], np.float32)
+    batch = buffer[: len(groups)]
+    for r, group in enumerate(groups):
+        ref = local[r]
+        if int(group) in errors:
+            continue
+        if r in fetched:
+            batch[r] = fetched[r]
+        elif ref is not None:
+            try:
+                datapath.read(ref, out=batch[r])
+            except datapath.StaleSlot:
+                errors[int(group)] = STALE
+    return Inputs(batch, fetch_s, buffer=buffer)
+
+
+STALE = "input-stale: its cache slot was reused (raise cache-entries)"
+
+
+def _shared_view(local: list[datapath.SlotRef | None], groups: np.ndarray,
+                 errors: dict[int, str]) -> np.ndarray | None:
+    """The zero-copy batch when every usable float32 ref lines up; None to copy instead."""
+    refs = [ref if ref is not None and int(groups[r]) not in errors else None
+            for r, ref in enumerate(local)]
+    if any(ref is not None and np.dtype(ref.dtype) != np.float32 for ref in refs):
+        return None
+    try:
+        return datapath.read_rows(refs)
+    except datapath.StaleSlot:
+        return None  # the copy path tells which rows are gone
+
+
+def stale_rows(plugin: Any, read: Any) -> np.ndarray:
+    """Which of ``read``'s groups had their cache slot reused already (bool per group);
+    a peek that ran on a view of those slots saw another group's data."""
+    stale = np.zeros(len(read.groups), dtype=bool)
+    cache = plugin.shm.get(read.modality)
+    if read.refs is None or cache is None:
+        return stale
+    for i, ref in enumerate(read.refs):
+        stale[i] = ref is not None and not cache.valid(ref)
+    return stale
 
 
 def device() -> str:

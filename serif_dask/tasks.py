@@ -120,12 +120,14 @@ def _contract_problem(
 
 def _call_reader(
     reader: Any, groups: np.ndarray, tick: int, with_samples: bool,
-    shape: tuple[int, ...] | None, k: int,
+    shape: tuple[int, ...] | None, k: int, out: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray, dict[int, str]]:
     """Read through the reader contract; per-group failures come back in ``errors``.
 
     A reader that raises is bisected (:func:`isolate`), so a group that makes it raise fails
     alone; output that breaks the contract (shape, labels) fails its groups ``bad-input``.
+    With ``out`` (reserved shared-memory slots, one row per group) the reader writes its
+    samples straight into it and ``out`` is returned as the samples: no copy.
     """
     n = len(groups)
     use_labels = not with_samples and hasattr(reader, "labels")
@@ -133,8 +135,11 @@ def _call_reader(
     def call(idx: np.ndarray) -> tuple[Any, Any, dict[Any, Any]]:
         if use_labels:
             return None, reader.labels(groups[idx], tick), {}
-        out = reader.read(groups[idx], tick)
-        return out.samples, out.labels, dict(out.errors)
+        if out is None:
+            res = reader.read(groups[idx], tick)
+        else:  # bisection halves are runs of positions: a slice of the rows
+            res = reader.read(groups[idx], tick, out=out[idx[0] : idx[-1] + 1])
+        return res.samples, res.labels, dict(res.errors)
 
     try:
         parts, failed = [(np.arange(n), call(np.arange(n)))], {}
@@ -148,11 +153,12 @@ def _call_reader(
         problem = _contract_problem(part, part_labels, idx.size, shape, want)
         if problem is None and want:
             part = np.asarray(part, dtype=np.float32)
-            if samples is None:
-                samples = np.zeros((n, *part.shape[1:]), dtype=np.float32)
+            if samples is None:  # the reader's own array when one call read them all
+                samples = out if out is not None else part if idx.size == n else np.zeros(
+                    (n, *part.shape[1:]), dtype=np.float32)
             if samples.shape[1:] != part.shape[1:]:
                 problem = f"sample shapes {list(samples.shape[1:])} and {list(part.shape[1:])} mix"
-            else:
+            elif not _same_memory(part, samples[idx[0] : idx[-1] + 1]):
                 samples[idx] = part
         if problem is not None:
             errors.update(dict.fromkeys(groups[idx].tolist(), f"bad-input: {problem}"))
@@ -165,8 +171,27 @@ def _call_reader(
         labels[idx] = np.where(out_of_range, -1, part_labels)
         errors.update({int(g): _group_reason(r) for g, r in part_errors.items()})
     if want and samples is None:
-        samples = np.zeros((n, *(shape or ())), dtype=np.float32)
+        samples = out if out is not None else np.zeros((n, *(shape or ())), dtype=np.float32)
     return samples, labels, errors
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` is ``b``'s very memory (a reader that filled ``out`` and returned it)."""
+    return (a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
+
+
+def _nonfinite_rows(samples: np.ndarray) -> np.ndarray:
+    """Rows holding a NaN or inf, in one pass without a temporary: a row whose sum is
+    finite has neither, and only rows with a non-finite sum (or an overflow) are checked
+    element by element."""
+    flat = samples.reshape(len(samples), -1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        suspect = ~np.isfinite(flat.sum(axis=1))
+    bad = np.zeros(len(samples), dtype=bool)
+    if suspect.any():
+        bad[suspect] = ~np.isfinite(flat[suspect]).all(axis=1)
+    return bad
 
 
 def _reason(exc: BaseException) -> str:
@@ -197,21 +222,28 @@ def read_task(
     reader = _reader(plugin, config, app, modality, server)
     group_arr = np.asarray(groups, dtype=np.int64)
     shape = config.modality(modality).synthetic_shape
-    samples, labels, errors = _call_reader(
-        reader, group_arr, tick, peek or share, tuple(shape) if shape else None,
-        len(_app(config, app).prior),
-    )
+    # A reader that takes out= renders straight into reserved shared-memory slots.
+    reservation = None
+    if share:
+        cache = dataplane.shm_cache(plugin, config, modality, server)
+        reservation = dataplane.reserve_samples(cache, reader, len(group_arr))
     input_key = refs = None
-    if samples is not None:
-        bad = ~np.all(np.isfinite(samples.reshape(len(group_arr), -1)), axis=1)
-        for g in group_arr[bad]:
-            errors.setdefault(int(g), "bad-input: sample holds NaN or inf")
-        if peek:
-            input_key = plugin.inputs.put((run_id, app, modality, server, tick), samples)
-        if share:
-            refs = tuple(
-                dataplane.put_samples(plugin, config, modality, server, samples, group_arr, errors)
-            )
+    try:
+        samples, labels, errors = _call_reader(
+            reader, group_arr, tick, peek or share, tuple(shape) if shape else None,
+            len(_app(config, app).prior), out=reservation.array if reservation else None,
+        )
+        if samples is not None:
+            for g in group_arr[_nonfinite_rows(samples)]:
+                errors.setdefault(int(g), "bad-input: sample holds NaN or inf")
+            if peek:  # a view of the slots when reserved: peek_task re-checks them
+                input_key = plugin.inputs.put((run_id, app, modality, server, tick), samples)
+            if share:
+                refs = tuple(dataplane.put_samples(
+                    plugin, config, modality, server, samples, group_arr, errors, reservation))
+    finally:
+        if reservation is not None:
+            reservation.abort()  # no-op once committed
     return ReadResult(
         app=app, modality=modality, server=server, tick=tick,
         worker=plugin.worker.address if plugin.worker else "", node=plugin.node,
@@ -243,7 +275,14 @@ def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
     ok = np.asarray([int(g) not in read.errors for g in read.groups], dtype=bool)
     scores = np.full((len(read.groups), k), np.nan)
     if samples is not None and ok.any():
-        scores[ok] = estimator.scores(samples[ok])
+        scores[ok] = estimator.scores(samples if ok.all() else samples[ok])
+        # Samples shared in place are views of cache slots: a slot reused meanwhile held
+        # another group's data, so that estimate is dropped (the plan uses the prior).
+        from serif_dask import dataplane
+
+        stale = dataplane.stale_rows(plugin, read)
+        ok &= ~stale
+        scores[stale] = np.nan
     return {"groups": read.groups, "scores": scores, "ok": ok}
 
 
@@ -331,19 +370,27 @@ def _score_real(
     """A real model: inputs from shared memory (or Redis), one batched forward."""
     from serif_dask import dataplane
 
-    samples, fetch_s = dataplane.gather_inputs(plugin, groups, reads, exports, errors)
+    inputs = dataplane.gather_inputs(plugin, groups, reads, exports, errors)
     ok = np.asarray([int(g) not in errors for g in groups], dtype=bool)
     pred = np.full(len(groups), -1, dtype=np.int64)
-    if samples is not None and ok.any():
-        try:
-            model, _ = dataplane.load_model(plugin, app_cfg, profile)
-        except Exception as exc:  # Redis down, weights missing or corrupted
-            reason = f"weights-unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:200]
-            errors.update({int(g): reason for g in groups[ok]})
-        else:
-            _forward_isolating(dataplane, model, samples, groups, ok, pred, errors,
-                               len(app_cfg.prior))
-        ok = np.asarray([int(g) not in errors for g in groups], dtype=bool)
+    try:
+        if inputs.samples is not None and ok.any():
+            try:
+                model, _ = dataplane.load_model(plugin, app_cfg, profile)
+            except Exception as exc:  # Redis down, weights missing or corrupted
+                reason = f"weights-unavailable: {type(exc).__name__}: {exc}"
+                errors.update({int(g): reason.splitlines()[0][:200] for g in groups[ok]})
+            else:
+                _forward_isolating(dataplane, model, inputs.samples, groups, ok, pred, errors,
+                                   len(app_cfg.prior))
+            # inputs read zero-copy are valid only if their slot was not reused meanwhile
+            for r in inputs.stale():
+                errors[int(groups[r])] = dataplane.STALE
+                pred[r] = -1
+            ok = np.asarray([int(g) not in errors for g in groups], dtype=bool)
+    finally:
+        inputs.release()
+    fetch_s = inputs.fetch_s
     return {
         "groups": groups,
         "pred": pred,
@@ -367,6 +414,8 @@ def _forward_isolating(
     rows = np.flatnonzero(ok)
 
     def call(idx: np.ndarray) -> np.ndarray:
+        if idx.size == len(samples):  # the whole batch: no gathering copy
+            return dataplane.forward(model, samples)
         return dataplane.forward(model, samples[rows[idx]])
 
     try:

@@ -267,3 +267,50 @@ def test_copy_into_a_reused_buffer_is_checked(run_id: str) -> None:
         cache.put(np.zeros(8))
         with pytest.raises(StaleSlot):
             datapath.read(ref, out=buf[0])
+
+
+def test_score_batch_is_a_view_and_a_reused_slot_fails_its_request(run_id: str) -> None:
+    """The engine's path: read_task's reader fills reserved slots, score_task's
+    gather_inputs gets the batch without a copy, and a slot reused while the batch was in
+    use is reported after the fact (never scored as the wrong group's data)."""
+    from types import SimpleNamespace
+
+    from serif_dask import dataplane
+    from serif_dask.readers.synthetic import SyntheticReader
+    from serif_dask.tasks import ReadResult, _call_reader
+    from serif_dask.worker import SerifWorkerPlugin
+
+    reader = SyntheticReader(
+        SimpleNamespace(name="ecg", synthetic_shape=(1024,), synthetic_snr=1.0,
+                        label_persistence=0.9),
+        SimpleNamespace(name="app", prior=(0.5, 0.5)),
+    )
+    groups = np.asarray([4, 9, 11])
+    expected = reader.read(groups, 3).samples
+    plugin = SerifWorkerPlugin()
+    plugin.node = "n"
+    with ShmCache.create(run_id, "n", "ecg", entries=4, entry_size=4096) as cache:
+        res = dataplane.reserve_samples(cache, reader, len(groups))
+        assert res is not None
+        samples, labels, errors = _call_reader(reader, groups, 3, True, (1024,), 2,
+                                               out=res.array)
+        assert samples is res.array and not errors
+        refs = dataplane.share_samples(cache, samples, groups, errors, res)
+        read = ReadResult(app="app", modality="ecg", server="s", tick=3, worker="", node="n",
+                          groups=groups, labels=labels, refs=tuple(refs))
+
+        inputs = dataplane.gather_inputs(plugin, groups, [read], [], errors)
+        assert inputs.buffer is None and not inputs.samples.flags.writeable  # a view
+        np.testing.assert_array_equal(inputs.samples, expected)
+        assert inputs.stale() == []
+        cache.put(np.zeros(1024, np.float32))  # slot 3
+        cache.put(np.zeros(1024, np.float32))  # slot 0: group 4's input is gone
+        assert inputs.stale() == [0]
+        inputs.release()
+
+        # out of slot order: one checked copy per row, into a reused buffer
+        inputs = dataplane.gather_inputs(plugin, groups[::-1], [read], [], errors)
+        assert inputs.buffer is not None
+        np.testing.assert_array_equal(inputs.samples[:2], expected[:0:-1])
+        assert errors == {4: dataplane.STALE}
+        inputs.release()
