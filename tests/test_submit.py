@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -101,6 +102,21 @@ def test_submit_while_a_run_is_active(hospital, tmp_path) -> None:
     assert serif.driver.run_id == run_id
     after = serif.submit("wakeword", 7, samples[0]).result(timeout=120)  # the run is over
     check_completed(after, config, "wakeword", 7)
+
+
+def test_submit_with_an_asynchronous_client(hospital) -> None:
+    client, config = hospital
+    samples, _ = samples_of(config, "wakeword", [6])
+
+    async def main() -> dict:
+        async with Client(client.scheduler.address, asynchronous=True) as aclient:
+            serif = Serif(aclient, config, seed=2)
+            with pytest.raises(RuntimeError, match="open_async"):
+                serif.submit("wakeword", 6, samples[0])
+            await serif.open_async()
+            return await serif.submit("wakeword", 6, samples[0])
+
+    check_completed(asyncio.run(main()), config, "wakeword", 6)
 
 
 @pytest.mark.parametrize(
