@@ -488,7 +488,7 @@ class RedisHandle:
     """What :func:`ensure_redis` returns: where Redis is, and what we started there."""
 
     nodes: list[tuple[str, int]]
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     servers: list[EmbeddedRedis] = field(default_factory=list)
     cluster: bool = False
     tls: dict[str, Any] = field(default_factory=dict)
@@ -524,23 +524,39 @@ def _configured_nodes(system_config: Any) -> list[tuple[str, int]]:
     return out
 
 
+def tls_options(system_config: Any) -> dict[str, Any]:
+    """Keyword arguments for :func:`serif_dask.store.connect` from the ``redis`` settings.
+
+    ``tls: true`` with ``tls-ca-file``/``tls-cert-file``/``tls-key-file`` (the system
+    config's spelling); a ``tls`` object with ``ca_certs``/``certfile``/``keyfile`` (or
+    ``ca_file``/``cert_file``/``key_file``) is accepted too. Used on the driver and on
+    every worker, so that all of a run's connections speak TLS alike.
+    """
+    settings = getattr(system_config, "redis", None)
+    tls_settings = getattr(settings, "tls", None)
+    if not tls_settings:
+        return {}
+    tls: dict[str, Any] = {"ssl": True}
+    for ours, theirs in (("tls_ca_file", "ssl_ca_certs"), ("tls_cert_file", "ssl_certfile"),
+                         ("tls_key_file", "ssl_keyfile")):
+        value = getattr(settings, ours, None)
+        if value:
+            tls[theirs] = str(value)
+    if isinstance(tls_settings, dict):
+        for ours, theirs in (("ca_certs", "ssl_ca_certs"), ("ca_file", "ssl_ca_certs"),
+                             ("certfile", "ssl_certfile"), ("cert_file", "ssl_certfile"),
+                             ("keyfile", "ssl_keyfile"), ("key_file", "ssl_keyfile")):
+            if tls_settings.get(ours):
+                tls[theirs] = str(tls_settings[ours])
+    return tls
+
+
 def _redis_settings(system_config: Any) -> tuple[str | None, dict[str, Any], int]:
     """(password, TLS keyword arguments for :func:`connect`, cluster replicas)."""
     settings = getattr(system_config, "redis", None)
     password = getattr(settings, "password", None)
-    tls_settings = getattr(settings, "tls", None)
-    tls: dict[str, Any] = {}
-    if tls_settings:
-        tls["ssl"] = True
-        for ours, theirs in (("ca_certs", "ssl_ca_certs"), ("ca_file", "ssl_ca_certs"),
-                             ("certfile", "ssl_certfile"), ("cert_file", "ssl_certfile"),
-                             ("keyfile", "ssl_keyfile"), ("key_file", "ssl_keyfile")):
-            value = (tls_settings.get(ours) if isinstance(tls_settings, dict)
-                     else getattr(tls_settings, ours, None))
-            if value:
-                tls[theirs] = str(value)
     replicas = int(getattr(settings, "replicas", 0) or 0)
-    return password, tls, replicas
+    return password, tls_options(system_config), replicas
 
 
 def ensure_redis(system_config: Any = None) -> RedisHandle:
