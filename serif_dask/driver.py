@@ -95,6 +95,7 @@ class Driver:
         self.stats = RunStats()
         self.stop_event = asyncio.Event()
         self.estimators: dict[str, Future] = {}
+        self._estimator_values: dict[str, Any] = {}
         self.inflight: set[asyncio.Task] = set()
         self.started = 0.0
         self.scheduler_lost = False
@@ -127,8 +128,11 @@ class Driver:
                 key=f"serif-fit-{self.run_id}-{app.name}", workers=[data[server]],
                 allow_other_workers=False, pure=False,
             )
-        if self.estimators:
-            await asyncio.wait([asyncio.ensure_future(f) for f in self.estimators.values()])
+        for name, fut in self.estimators.items():
+            try:  # kept here too: small, and put back on the data workers should it be lost
+                self._estimator_values[name] = await fut
+            except Exception:
+                logger.exception("serif: fitting SneakPeek of %s failed", name)
 
     async def _workers(self) -> list[dict[str, Any]]:
         return (await self.client.scheduler.serif_state())["workers"]
@@ -320,27 +324,26 @@ class Driver:
                 reads[mod].append((server, fut))
 
         scores = np.full((groups.size, len(app.prior)), np.nan)
-        estimator = self.estimators.get(app.name)
-        if estimator is not None and reads[peek_mod]:
-            peeks = [
-                client.submit(
+        estimator = await self._estimator(app, data)
+        peeks: dict[str, Future] = {}
+        if estimator is not None:
+            for server, fut in reads[peek_mod]:
+                peeks[server] = client.submit(
                     peek_task, fut, estimator, len(app.prior),
                     key=f"serif-peek-{self.run_id}-{app.name}-{tick}-{server}",
                     workers=[data[server]["address"]], allow_other_workers=False, pure=False,
                 )
-                for server, fut in reads[peek_mod]
-            ]
-            futures.extend(peeks)
-            try:  # a late look is worth nothing: plan with the prior rather than wait
-                results = await asyncio.wait_for(
-                    client.gather(peeks, errors="skip", asynchronous=True),
-                    timeout=2 * app.sla_latency,
-                )
-            except TimeoutError:
-                logger.warning("serif: peek of %s tick %d timed out", app.name, tick)
-                results = []
-            for result in results:
-                scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
+            futures.extend(peeks.values())
+        # A late look is worth nothing: plan with the prior rather than wait past 2 × sla.
+        deadline = time.monotonic() + 2 * app.sla_latency
+        for server in await self._await_reads(app, tick, reads, data, fail, deadline):
+            lost_peek = peeks.pop(server, None)
+            if lost_peek is not None:
+                with contextlib.suppress(Exception):
+                    await client.cancel([lost_peek], asynchronous=True)
+        results = await self._gather_peeks(app, tick, list(peeks.values()), deadline)
+        for result in results:
+            scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
 
         live = groups[pending]
         await self._wait_turn(seq)
@@ -366,6 +369,117 @@ class Driver:
                            input_node, futures)
         batches = self._submit_batches(ctx, plan["batches"])
         await self._collect(ctx, batches, pi_by_group, record, fail)
+
+    async def _estimator(self, app: Application, data: dict[str, dict[str, Any]]) -> Any:
+        """The app's SneakPeek estimator future; put back on the data workers if lost.
+
+        The fit task is pinned to one data worker: if every worker holding its result dies,
+        Dask would recompute it there, wait in ``no-worker`` for ever, and hold every peek
+        back. The driver keeps the (small) fitted estimator and scatters it again instead.
+        """
+        fut = self.estimators.get(app.name)
+        if fut is None or fut.status == "finished":
+            return fut
+        value = self._estimator_values.get(app.name)
+        if value is None or not data:
+            return None
+        with contextlib.suppress(Exception):
+            await self.client.cancel([fut], asynchronous=True)
+        logger.warning("serif: SneakPeek estimator of %s lost with its data worker; "
+                       "scattering it again", app.name)
+        try:  # bounded: a worker in the list may be dying too (this tick then peeks nothing)
+            live = [w["address"] for w in await self._workers() if w["role"] == "data"]
+            fut = await asyncio.wait_for(
+                self.client.scatter(value, workers=live, broadcast=True, hash=False,
+                                    asynchronous=True),
+                timeout=2 * app.sla_latency,
+            )
+        except Exception as exc:
+            logger.warning("serif: could not scatter the estimator of %s: %r", app.name, exc)
+            return None
+        self.estimators[app.name] = fut
+        return fut
+
+    async def _gather_peeks(
+        self, app: Application, tick: int, peeks: list[Future], deadline: float
+    ) -> list[dict[str, Any]]:
+        """The peeks that finish by the deadline; stop waiting once the estimator is lost.
+
+        Only finished peeks are gathered, so a peek stuck behind a lost dependency never
+        holds the tick; its groups are planned with their current belief instead.
+        """
+        waiting = {asyncio.ensure_future(self._settled(f)) for f in peeks}
+        try:
+            while waiting:
+                timeout = min(0.5, deadline - time.monotonic())
+                estimator = self.estimators.get(app.name)
+                if timeout <= 0 or estimator is None or estimator.status != "finished":
+                    logger.warning("serif: peek of %s tick %d %s", app.name, tick,
+                                   "timed out" if timeout <= 0 else "lost its estimator")
+                    break
+                _, waiting = await asyncio.wait(waiting, timeout=timeout)
+        finally:
+            for task in waiting:
+                task.cancel()
+        done = [f for f in peeks if f.status == "finished"]
+        if not done:
+            return []
+        try:  # a finished peek's data may be lost right now, with its worker
+            return await asyncio.wait_for(
+                self.client.gather(done, errors="skip", asynchronous=True),
+                timeout=max(0.1, deadline - time.monotonic()),
+            )
+        except TimeoutError:
+            return []
+
+    async def _await_reads(
+        self, app: Application, tick: int, reads: dict[str, list[tuple[str, Future]]],
+        data: dict[str, dict[str, Any]], fail: Callable[..., None], deadline: float,
+    ) -> set[str]:
+        """Wait for a tick's reads; fail the groups of reads whose data worker is gone.
+
+        A read pinned to a dead worker would wait in ``no-worker`` for ever, and the peeks
+        and score batches that need it with it. Its groups fail ``reader-lost`` (a read
+        that erred: ``reader-error``), it is cancelled and taken out of ``reads``, and the
+        tick goes on with the other servers. Returns the servers whose reads were lost.
+        """
+        waiting = {
+            asyncio.ensure_future(self._settled(fut)): (mod, server, fut)
+            for mod, rs in reads.items() for server, fut in rs
+        }
+        lost: dict[tuple[str, str], str] = {}  # (modality, server) -> reason
+        try:
+            while waiting:
+                timeout = min(0.5, deadline - time.monotonic())
+                if timeout <= 0:
+                    break  # slow but alive: the score batches wait for it
+                done, _ = await asyncio.wait(waiting, timeout=timeout)
+                for task in done:
+                    mod, server, _ = waiting.pop(task)
+                    error = task.result()
+                    if error is not None:
+                        reason = "reader-lost" if "KilledWorker" in error else "reader-error"
+                        lost[mod, server] = f"{reason}: {error}"[:200]
+                if waiting and not done:
+                    alive = {w["address"] for w in await self._workers()}
+                    for task, (mod, server, _) in list(waiting.items()):
+                        if data[server]["address"] not in alive:
+                            task.cancel()
+                            del waiting[task]
+                            lost[mod, server] = "reader-lost"
+        finally:
+            for task in waiting:
+                task.cancel()
+        for (mod, server), reason in lost.items():
+            fut = next(f for s, f in reads[mod] if s == server)
+            reads[mod] = [(s, f) for s, f in reads[mod] if s != server]
+            with contextlib.suppress(Exception):
+                await self.client.cancel([fut], asynchronous=True)
+            owned = np.asarray(self.config.groups_of(server, mod), dtype=np.int64)
+            logger.warning("serif: %s read of %s tick %d on %s failed (%s); %d requests",
+                           mod, app.name, tick, server, reason, owned.size)
+            fail(owned, reason)
+        return {server for _, server in lost}
 
     def _exports(
         self, app: Application, tick: int, modality: str, batch: dict[str, Any],
@@ -410,6 +524,8 @@ class Driver:
                 pure=False,
             )
             ctx.futures.append(fut)
+            # The data workers whose results this batch waits for (reads and exports).
+            batch["sources"] = {s: ctx.data[s]["address"] for s, _ in ctx.reads[profile.modality]}
             batches[fut] = batch
         return batches
 
@@ -433,7 +549,12 @@ class Driver:
         self, ctx: _TickContext, batches: dict[Future, dict[str, Any]], pi: np.ndarray,
         record: Callable[[Chunk], None], fail: Callable[..., None],
     ) -> None:
-        """Record each batch as it finishes; re-plan (or fail) batches whose worker is gone."""
+        """Record each batch as it finishes; re-plan (or fail) batches whose worker is gone.
+
+        A batch also waits for its reads: when a data worker holding one dies first, Dask
+        would recompute that read on the dead worker (``no-worker``), so the batch is
+        taken back too; that server's groups fail ``reader-lost``, the others are re-planned.
+        """
         app, tick, arrival = ctx.app, ctx.tick, ctx.arrival
         waiting = {asyncio.ensure_future(self._result(f)): f for f in batches}
         while waiting:
@@ -451,28 +572,59 @@ class Driver:
                 alive = {w["address"] for w in await self._workers()}
                 for task, fut in list(waiting.items()):
                     batch = batches[fut]
-                    if batch["worker"] in alive:
+                    gone = [s for s, a in batch.get("sources", {}).items() if a not in alive]
+                    if batch["worker"] in alive and not gone:
                         continue
                     task.cancel()
                     with contextlib.suppress(Exception):
                         await self.client.cancel([fut], asynchronous=True)
                     del waiting[task]
                     lost = np.asarray(batch["groups"], dtype=np.int64)
-                    logger.warning("serif: worker %s lost with %d requests of %s tick %d",
-                                   batch["worker"], lost.size, app.name, tick)
+                    reason = "worker-lost" if batch["worker"] not in alive else "reader-lost"
+                    logger.warning("serif: %s: %d requests of %s tick %d on %s (inputs from %s)",
+                                   reason, lost.size, app.name, tick, batch["worker"],
+                                   ", ".join(gone) or "live data workers")
+                    for server in gone:
+                        await self._drop_reads(ctx, server)
+                        owned = np.concatenate(
+                            [np.asarray(self.config.groups_of(server, m), dtype=np.int64)
+                             for m in ctx.reads]
+                        )
+                        fail(lost[np.isin(lost, owned)], "reader-lost")
+                        lost = lost[~np.isin(lost, owned)]
+                    if lost.size == 0:
+                        continue
                     if time.time() - arrival >= 2 * app.sla_latency or ctx.attempt >= 3:
-                        fail(lost, "worker-lost", batch["model"], batch["worker"])
+                        fail(lost, reason, batch["model"], batch["worker"])
                         continue
                     try:
                         again, dropped = await self._replan(ctx, lost)
                     except Exception as exc:
-                        fail(lost, f"worker-lost: re-plan failed: {exc}"[:200],
+                        fail(lost, f"{reason}: re-plan failed: {exc}"[:200],
                              batch["model"], batch["worker"])
                         continue
                     if dropped.size:
-                        fail(dropped, "worker-lost", batch["model"], batch["worker"])
+                        fail(dropped, reason, batch["model"], batch["worker"])
                     batches.update(again)
                     waiting.update({asyncio.ensure_future(self._result(f)): f for f in again})
+
+    async def _drop_reads(self, ctx: _TickContext, server: str) -> None:
+        """Cancel a dead data worker's reads (re-plans skip them) rather than wait for them."""
+        for mod, rs in ctx.reads.items():
+            ctx.reads[mod] = [(s, f) for s, f in rs if s != server]
+            ctx.input_node[mod][np.asarray(self.config.groups_of(server, mod), np.int64)] = ""
+            with contextlib.suppress(Exception):
+                await self.client.cancel([f for s, f in rs if s == server], asynchronous=True)
+
+    @staticmethod
+    async def _settled(fut: Future) -> str | None:
+        """Wait for a task to end without fetching its result: None, or why it erred."""
+        exc = await fut.exception(asynchronous=True)
+        if fut.status == "cancelled":  # by the client itself: it lost the scheduler
+            raise asyncio.CancelledError(f"{fut.key} cancelled")
+        if exc is None:
+            return None
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
     @staticmethod
     async def _result(fut: Future) -> tuple[Any, str | None]:

@@ -6,12 +6,19 @@ import json
 import os
 import signal
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from distributed import Client
 
 from serif_dask import Serif, load_config, local_cluster
+from serif_dask.driver import peek_modality
 from tests.conftest import HOSPITAL
+from tests.fault_kit import KILL_ENV
+
+CONFIG_FILES = ("system", "application", "data")
 
 
 def test_compute_worker_killed_mid_run(tmp_path: Path) -> None:
@@ -31,11 +38,7 @@ def test_compute_worker_killed_mid_run(tmp_path: Path) -> None:
         state = client.run_on_scheduler(
             lambda dask_scheduler: dask_scheduler.plugins["serif"].state()
         )
-        stuck = client.run_on_scheduler(
-            lambda dask_scheduler: [
-                str(k) for k, ts in dask_scheduler.tasks.items() if ts.state == "no-worker"
-            ]
-        )
+        stuck = _no_worker_tasks(client)
     records = [json.loads(x) for x in rec.read_text().splitlines()]
     assert summary["requests"] == summary["completed"] + summary["dropped"] + summary["failed"]
     assert len(records) == summary["requests"]
@@ -48,3 +51,83 @@ def test_compute_worker_killed_mid_run(tmp_path: Path) -> None:
     assert late, "the restarted worker never served again"
     failed = summary.get("failures_by_reason", {})
     assert set(failed) <= {"worker-lost", "policy-drop"}, failed
+
+
+def _stop_when(serif: Serif, done: Callable[[list[dict]], bool], cap_s: float = 90.0):
+    """``on_records`` that stops the run once ``done(records so far)``; and a safety cap.
+
+    Runs end on an event, not after a fixed time, so a slow machine makes a test longer,
+    never flaky. Returns (callback, the records list, the cap timer to cancel).
+    """
+    rows: list[dict] = []
+
+    def on_records(new: list[dict]) -> None:
+        rows.extend(new)
+        if done(rows):
+            serif.stop()
+
+    cap = threading.Timer(cap_s, lambda: serif.client.loop.add_callback(serif.stop))
+    return on_records, rows, cap
+
+
+def _accounted(summary: dict, records: list[dict]) -> None:
+    assert summary["requests"] == summary["completed"] + summary["dropped"] + summary["failed"]
+    assert len(records) == summary["requests"]
+    assert len({(r["app"], r["group"], r["tick"]) for r in records}) == len(records)
+
+
+def _no_worker_tasks(client: Client, settle_s: float = 10.0) -> list[str]:
+    """Tasks the scheduler holds in ``no-worker``, once releases sent at run end land."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        stuck = client.run_on_scheduler(
+            lambda dask_scheduler: [
+                str(k) for k, ts in dask_scheduler.tasks.items() if ts.state == "no-worker"
+            ]
+        )
+        if not stuck or time.monotonic() > deadline:
+            return stuck
+        time.sleep(0.2)
+
+
+def test_data_worker_killed_mid_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data@bay-a dies inside its read of tick 2; its groups fail, bay-b's carry on."""
+    docs = {n: json.loads((HOSPITAL / f"{n}.json").read_text()) for n in CONFIG_FILES}
+    for mod in docs["data"]["data-modalities"]:
+        mod["impl"] = "tests.fault_kit:KillingReader"
+    for name, doc in docs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    marker = tmp_path / "killed"
+    monkeypatch.setenv(KILL_ENV, f"bay-a:2:{marker}")
+    config = load_config([tmp_path])
+    kill_tick = {"wakeword": 2, "falldetection": 1}  # the ticks read at t = 2 s
+    bay_a = {
+        app.name: set(config.groups_of("bay-a", peek_modality(config, app)))
+        for app in config.apps
+    }
+
+    def back(rows: list[dict]) -> bool:  # bay-a's groups served again after the kill
+        return any(r["outcome"] == "completed" and r["group"] in bay_a[r["app"]]
+                   and r["tick"] > kill_tick[r["app"]] + 1 for r in rows)
+
+    with local_cluster(config) as cluster, Client(cluster) as client:
+        serif = Serif(client, config, policy="fastest", seed=4, records=tmp_path / "r.jsonl")
+        serif.on_records, _, cap = _stop_when(serif, back)
+        cap.start()
+        try:
+            summary = serif.run(duration=0)
+        finally:
+            cap.cancel()
+        stuck = _no_worker_tasks(client)
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    _accounted(summary, records)
+    assert marker.exists(), "the data worker never died"
+    assert not stuck, f"tasks left waiting for a dead worker: {stuck}"
+    lost = [r for r in records if r["outcome"] == "failed"]
+    assert lost and {r["reason"] for r in lost} == {"reader-lost"}, summary
+    # Only the dead server's groups fail, and only until its worker is back.
+    assert all(r["group"] in bay_a[r["app"]] for r in lost if r["tick"] > kill_tick[r["app"]])
+    assert back(records)
+    others = [r for r in records if r["group"] not in bay_a[r["app"]]
+              and r["tick"] > kill_tick[r["app"]]]
+    assert others and all(r["outcome"] == "completed" for r in others)

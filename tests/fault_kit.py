@@ -1,0 +1,41 @@
+"""Helpers that fault tests and ``bench/faults.py`` load into real worker processes.
+
+Importable by dotted path (``tests.fault_kit:KillingReader``), so a config's modality
+``impl`` can name them and the workers of a LocalCluster run them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import numpy as np
+
+from serif_dask.readers.synthetic import SyntheticReader
+
+#: ``<server>:<tick>:<marker file>``: the data worker of ``<server>`` SIGKILLs itself in
+#: the middle of its read of ``<tick>``, once (the marker file says it happened).
+KILL_ENV = "SERIF_FAULT_KILL_READ"
+
+
+class KillingReader(SyntheticReader):
+    """The synthetic reader, whose process dies mid-read once, as ``$SERIF_FAULT_KILL_READ`` says.
+
+    Dying inside a read task is the worst moment for a data worker to go: the tick's read
+    is in flight and its peek and score tasks wait on it.
+    """
+
+    def read(self, groups: np.ndarray, tick: int, **kwargs: Any) -> Any:
+        spec = os.environ.get(KILL_ENV, "")
+        if spec:
+            server, kill_tick, marker = spec.split(":", 2)
+            if getattr(self.server, "name", None) == server and int(tick) == int(kill_tick):
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    os.kill(os.getpid(), signal.SIGKILL)
+        return super().read(groups, tick, **kwargs)
