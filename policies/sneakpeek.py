@@ -1,14 +1,16 @@
 """``sneakpeek``: spend worker time where the class estimate says it buys the most utility.
 
-With a price ``λ`` on a second of cluster time, each request takes the model maximising
-``eu[r, m] - λ·c[m]`` (``c[m]``: seconds of pooled cluster time per request of m), or waits
-when no model beats a drop. A fluid model of the cluster (requests finish, in EDF order, as
-the pooled work before them drains) prices every ``λ`` of a small grid at once, as one
-``(λ, request, model)`` array, and the grid point of highest total expected realised
-utility wins. The chosen models are then list-scheduled with real batches (one context
-switch per (worker, model), warm models free, input locality counted), earliest deadline
-first and most valuable first within a deadline; requests that miss out are served last
-if they can still earn more than ``miss_utility``, and dropped otherwise.
+Choosing a model per request under the cluster's time is a multiple-choice knapsack. Each
+request's options (drop, or one of its models at the pooled cluster seconds it costs) are
+walked along their upper convex hull, giving upgrades of falling utility per second; all
+upgrades of all requests are then taken best ratio first while a fluid model of the
+cluster (pooled work draining from each worker's backlog, one context switch per model
+that is cold everywhere) still finishes every deadline cohort in time. That is the LP
+optimum of the knapsack, found in one sort. The chosen models are then list-scheduled with
+real batches (one context switch per (worker, model), warm models free, input locality
+counted), earliest deadline first and most valuable first within a deadline; requests
+that miss out are served last if they can still earn more than ``miss_utility``, and
+dropped otherwise.
 
 Because ``problem.eu`` carries the SneakPeek estimate, requests that look uncertain or
 positive are the ones whose accurate-model gain pays for its time.
@@ -19,53 +21,102 @@ from __future__ import annotations
 import numpy as np
 
 from serif_dask.policies import Plan, PlanProblem
-from serif_dask.policies._common import Planner, cohorts_by_key, servable
-from serif_dask.utility import timeliness
+from serif_dask.policies._common import (
+    MAX_COHORTS,
+    MIN_GAIN,
+    Planner,
+    cohorts_by_key,
+    servable,
+)
 
 __all__ = ["SneakPeekPolicy", "sneakpeek"]
 
 
 class SneakPeekPolicy:
-    """Greedy utility-per-second planner; ``grid`` is the number of prices tried."""
-
-    def __init__(self, grid: int = 16) -> None:
-        self.grid = grid
+    """Knapsack-by-marginal-value model choice, then batched list scheduling."""
 
     def choose_models(self, problem: PlanProblem, planner: Planner, order: np.ndarray):
-        """Price the options of the requests in ``order``: (model per request, served mask)."""
+        """Pick each request's model (multiple-choice knapsack, greedy by marginal value).
+
+        Every request starts dropped; its upgrades (drop → cheapest useful model → better
+        ones) follow the upper convex hull of its (pooled cost, gain) options, so their
+        utility per second only falls. All upgrades of all requests are taken in order of
+        that ratio while the fluid cluster still finishes each deadline cohort in time:
+        the LP-optimal mix, which is what lets a known-uncertain request outbid a
+        confidently negative one. Returns (model per request, served mask, price), where
+        the price is the marginal utility per pooled second of the last upgrade taken.
+        """
+        n = order.size
         ok = servable(problem)[order]
-        eu = np.where(ok, planner.eu[order], -np.inf)
-        gain = eu - planner.miss[order, None]
+        gain = np.where(ok, planner.eu[order], -np.inf) - planner.miss[order, None]
         rate = np.where(planner.feasible, 1.0 / planner.infer, 0.0).sum(axis=1)
-        with np.errstate(divide="ignore"):
-            cost = np.where(rate > 0, 1.0 / rate, np.inf)  # (M,) pooled seconds/request
-        useful = np.isfinite(gain) & (gain > 0)
-        ratios = (gain / cost[None, :])[useful]
-        lam = np.zeros(1)
-        if ratios.size:
-            lam = np.concatenate([lam, np.quantile(ratios, np.linspace(0, 1, self.grid - 1))])
-        score = np.where(useful[None], gain[None] - lam[:, None, None] * cost[None, None, :], 0)
-        score = np.where(useful[None], score, -np.inf)
-        choice = score.argmax(axis=2)  # (G, n)
-        served = np.take_along_axis(score, choice[..., None], axis=2)[..., 0] > 0
-        # Fluid estimate of each price's outcome; a model cold everywhere pays one switch,
-        # spread over the workers.
+        cost = np.divide(1.0, rate, out=np.full(rate.shape, np.inf), where=rate > 0)
+        useful = np.isfinite(gain) & (gain > MIN_GAIN) & np.isfinite(cost)[None, :]
+        # Hull walk, one vectorised step per model at most.
+        cur = np.full(n, -1)
+        cur_cost, cur_gain = np.zeros(n), np.zeros(n)
+        steps: list[tuple[np.ndarray, ...]] = []
+        rows = np.arange(n)
+        for k in range(gain.shape[1]):
+            d_cost = cost[None, :] - cur_cost[:, None]
+            d_gain = gain - cur_gain[:, None]
+            cand = useful & (d_cost > 0) & (d_gain > 0)
+            slope = np.where(cand, d_gain / np.where(cand, d_cost, 1.0), -np.inf)
+            best = slope.argmax(axis=1)
+            moves = np.isfinite(slope[rows, best])
+            if not moves.any():
+                break
+            r, m = rows[moves], best[moves]
+            steps.append((r, m, d_cost[r, m], slope[r, m], np.full(r.size, k)))
+            cur[r], cur_cost[r], cur_gain[r] = m, cost[m], gain[r, m]
+        choice = np.full(n, -1)
+        if not steps:
+            return choice, choice >= 0, 0.0
+        r, m, d_cost, slope, k = (np.concatenate(x) for x in zip(*steps, strict=True))
+        # Best ratio first; equal ratios (identical requests, as without SneakPeek) in an
+        # order drawn from the tick's seeded generator, so no group is always favoured.
+        tie = problem.rng.permutation(n)[r]
+        by_value = np.lexsort((k, tie, -slope))
+        r, m, d_cost, slope, k = (x[by_value] for x in (r, m, d_cost, slope, k))
+        # Fluid capacity: the pooled seconds every worker has left before each deadline.
         n_workers = max(planner.infer.shape[1], 1)
+        # Deadline cohorts: at most MAX_COHORTS, each held to its earliest deadline.
+        cohorts, cohort = np.unique(planner.deadline[order], return_inverse=True)
+        if cohorts.size > MAX_COHORTS:
+            bucket = np.arange(cohorts.size) * MAX_COHORTS // cohorts.size
+            first_of = np.searchsorted(bucket, np.arange(MAX_COHORTS))
+            cohorts, cohort = cohorts[first_of], bucket[cohort]
+        horizon = np.clip(cohorts[:, None] - problem.now - planner.tl.load[None, :], 0, None)
+        budget = horizon.sum(axis=1) / n_workers  # (K,)
+        # A model cold on every worker costs one switch when first used.
         sw = np.where(planner.feasible, np.where(planner.tl.warm, 0.0, planner.switch), np.inf)
         first_switch = np.where(np.isfinite(sw).any(axis=1), sw.min(axis=1, initial=np.inf), 0)
-        used = np.zeros((lam.size, planner.infer.shape[0]), dtype=bool)
-        g_idx = np.broadcast_to(np.arange(lam.size)[:, None], choice.shape)
-        used[g_idx[served], choice[served]] = True
-        start = problem.now + planner.tl.load.mean() + used @ first_switch / n_workers
-        work = np.where(served, cost[choice], 0.0)
-        finish = start[:, None] + np.cumsum(work, axis=1)
-        eu_choice = np.take_along_axis(
-            np.broadcast_to(eu, (lam.size, *eu.shape)), choice[..., None], 2
-        )[..., 0]
-        f = timeliness(finish - planner.arrival[order][None], planner.sla[order][None])
-        total = np.where(served, f * eu_choice, planner.miss[order][None]).sum(axis=1)
-        best = int(total.argmax())
-        return choice[best], served[best], float(lam[best])
+        keep = np.ones(r.size, dtype=bool)
+        for _ in range(cohorts.size):
+            idx = np.flatnonzero(keep)
+            spend = d_cost[idx].copy()
+            _, first = np.unique(m[idx], return_index=True)
+            spend[first] += first_switch[m[idx][first]] / n_workers
+            c = cohort[r[idx]]
+            # used[k, i]: pooled seconds spent on cohorts <= k by the first i + 1 upgrades.
+            used = np.cumsum(np.where(c[None, :] <= np.arange(cohorts.size)[:, None], spend, 0),
+                             axis=1)
+            over = used > budget[:, None] + 1e-12
+            if not over.any():
+                break
+            cut = int(over.any(axis=0).argmax())  # first upgrade that breaks a deadline
+            binding = over[:, cut]
+            # Upgrades from the cut on for cohorts at or before a binding one cannot fit.
+            drop = np.zeros(idx.size, dtype=bool)
+            drop[cut:] = c[cut:] <= np.flatnonzero(binding).max()
+            keep[idx[drop]] = False
+        taken = np.flatnonzero(keep)
+        # A request's upgrades are taken in hull order; the last one taken is its model.
+        last = taken[np.lexsort((k[taken], r[taken]))]
+        is_last = np.append(r[last][1:] != r[last][:-1], True) if last.size else last
+        choice[r[last[is_last]]] = m[last[is_last]]
+        price = float(slope[taken[-1]]) if taken.size else 0.0
+        return choice, choice >= 0, price
 
     def __call__(self, problem: PlanProblem) -> Plan:
         planner = Planner(problem, cache_aware=True)

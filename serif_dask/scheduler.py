@@ -43,19 +43,26 @@ class WorkerState:
     host_node: str  # shared-memory node ($SERIF_NODE or host)
     warm: dict[str, None] = field(default_factory=dict)  # ordered: an LRU of model names
     busy_until: float = 0.0  # on the run's logical clock (seconds since its start)
-    pending: dict[str, float] = field(default_factory=dict)  # score key -> estimated seconds
+    # score key -> (planned finish on the logical clock, estimated seconds)
+    pending: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def backlog(self, now: float, slack: float) -> float:
         """Queued seconds ahead of a new batch.
 
         Plans advance ``busy_until`` on the run's logical clock, so decisions are a pure
-        function of config and seed. Only when the real queue (estimates of batches that
-        have not finished) runs ahead of that model by more than ``slack`` does the real one
-        win: an overloaded or slowed-down worker must never look idle.
+        function of config and seed. Only when a batch is still unfinished more than
+        ``slack`` after its planned finish (reality has fallen behind the plan) does the
+        real queue, the estimates of every unfinished batch, count: an overloaded or
+        slowed-down worker must never look idle, and a merely busy one keeps decisions
+        reproducible.
         """
         logical = max(0.0, self.busy_until - now)
-        real = sum(self.pending.values())
-        return real if real > logical + slack else logical
+        if not self.pending:
+            return logical
+        overdue = now - min(finish for finish, _ in self.pending.values())
+        if overdue <= slack:
+            return logical
+        return max(logical, sum(seconds for _, seconds in self.pending.values()))
 
 
 @dataclass
@@ -459,7 +466,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             )
             if state is not None:
                 state.busy_until = max(state.busy_until, problem.now) + float(duration)
-                state.pending[key] = float(duration)
+                state.pending[key] = (state.busy_until, float(duration))
                 state.warm[self.table.names[m]] = None
                 self.pending[key] = state.address
             batches.append(
