@@ -95,7 +95,8 @@ def test_password_run_works_and_leaks_nothing(config_dir, tmp_path: Path,
 
     client = redis_password_server.client()
     streams = [k for k in client.scan_iter() if client.type(k) in (b"stream", "stream")]
-    for key in streams:  # the results stream, when the run wrote one
+    assert b"serif:results" in streams, "the run wrote no results stream"
+    for key in streams:
         for _, fields in client.xrange(key, count=200):
             names = {f.decode() if isinstance(f, bytes) else f for f in fields}
             assert names <= set(COLUMNS), names
