@@ -34,15 +34,16 @@ class InputUnavailable(RuntimeError):
 def shm_cache(plugin: Any, config: SerifConfig, modality: str, server: str) -> Any:
     """The shared-memory cache this data worker writes for ``modality``: created on first
     use and kept (mapped, pages faulted in) for the whole run."""
-    cache = plugin.shm.get(modality)
-    if cache is None:
-        mod = config.modality(modality)
-        server_cfg = next(s for s in config.data.servers if s.name == server)
-        cache = datapath.ShmCache.create(
-            plugin.run_id, plugin.node, modality,
-            entries=server_cfg.cache_entries(modality), entry_size=mod.cache_entry_size,
-        )
-        plugin.shm[modality] = cache
+    with plugin.lock:  # the worker plugin may be creating it ahead of the first tick
+        cache = plugin.shm.get(modality)
+        if cache is None:
+            mod = config.modality(modality)
+            server_cfg = next(s for s in config.data.servers if s.name == server)
+            cache = datapath.ShmCache.create(
+                plugin.run_id, plugin.node, modality,
+                entries=server_cfg.cache_entries(modality), entry_size=mod.cache_entry_size,
+            )
+            plugin.shm[modality] = cache
     return cache
 
 

@@ -183,6 +183,30 @@ class SerifWorkerPlugin(WorkerPlugin):
         config = await loop.run_in_executor(None, self._install_run, run_id, reply)
         if any(not p.use_profile for a in config.apps for p in a.model_profiles):
             await loop.run_in_executor(None, _import_torch)
+            await loop.run_in_executor(None, self._create_input_caches, run_id, config)
+
+    def _create_input_caches(self, run_id: str, config: SerifConfig) -> None:
+        """On a data worker: create the run's shared-memory input caches now, so that the
+        first tick does not pay for creating and faulting in the segments."""
+        from serif_dask import dataplane
+        from serif_dask.scheduler import worker_role
+
+        if self.worker is None:
+            return
+        role, server = worker_role(self.worker.name, self.worker.state.total_resources)
+        if role != "data" or server not in config.server_names:
+            return
+        for app in config.apps:
+            for modality in sorted({p.modality for p in app.model_profiles if not p.use_profile}):
+                if not config.groups_of(server, modality):
+                    continue
+                try:
+                    with self.lock:
+                        if self.run_id == run_id:
+                            dataplane.shm_cache(self, config, modality, server)
+                except Exception:  # the first read task reports it
+                    logger.warning("serif: cannot create the %r input cache", modality,
+                                   exc_info=True)
 
     # -- called from task threads -------------------------------------------------------
     def ensure_run(self, run_id: str) -> SerifConfig:
