@@ -41,10 +41,9 @@ class _Progress:
         self.live.__exit__(*exc)
 
     def __call__(self, stats: RunStats, log: RecordLog) -> None:
-        n = len(log)
-        done = sum(len(c) for c in log.chunks if c.outcome == "completed")
-        utility = sum(float(c.utility.sum()) for c in log.chunks)
-        missed = n - sum(int(c.deadline_met.sum()) for c in log.chunks)
+        totals = log.totals
+        n, done = totals.requests, totals.outcomes["completed"]
+        utility, missed = totals.utility, n - totals.deadline_met
         self.live.update(
             f"ticks {stats.ticks} (late {stats.ticks_late})  requests {n}  completed {done}  "
             f"utility {utility:.1f}  deadline misses {missed}"
@@ -106,6 +105,11 @@ async def run_deployment(
         if serif.driver is not None and serif.driver.scheduler_lost:
             print("error: lost the Dask scheduler; summary holds what was recorded",
                   file=sys.stderr)
+            if not logger.isEnabledFor(logging.INFO):
+                # The client's failed reconnect and its cancellation at close would add
+                # tracebacks to the one line that says what happened.
+                for name in ("distributed", "distributed.client"):  # the client has its own
+                    logging.getLogger(name).setLevel(logging.CRITICAL)
             status = 1
         if stopped:
             status = _signal_status(stopped)

@@ -70,6 +70,7 @@ def test_summary_agrees_with_the_run_summary(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     log = rec.RecordLog(tmp_path / "r.jsonl")
     log.open()
+    chunks = []
     for tick in range(5):
         n = 8
         arrival = np.full(n, 100.0 + tick)
@@ -77,13 +78,17 @@ def test_summary_agrees_with_the_run_summary(tmp_path: Path) -> None:
         common = dict(group=np.arange(n), arrival=arrival, finish=finish,
                       prediction=rng.integers(0, 2, n), label=rng.integers(-1, 2, n),
                       utility=rng.normal(0.5, 0.5, n), deadline_met=finish - arrival <= 1.0)
-        log.add(rec.Chunk(app="falls", tick=tick, model="m", worker="w", outcome="completed",
-                          reason=[""] * n, **common))
-        log.add(rec.Chunk(app="falls", tick=tick, model="", worker="", outcome="dropped",
-                          reason=["policy-drop"] * 3,
-                          **{k: v[:3] for k, v in common.items()}))
+        chunks += [
+            rec.Chunk(app="falls", tick=tick, model="m", worker="w", outcome="completed",
+                      reason=[""] * n, **common),
+            rec.Chunk(app="falls", tick=tick, model="", worker="", outcome="dropped",
+                      reason=["policy-drop"] * 3, **{k: v[:3] for k, v in common.items()}),
+        ]
+        for chunk in chunks[-2:]:
+            log.add(chunk)
     log.close()
-    expected = rec.summarise(log.chunks)
+    expected = rec.summarise(chunks)
+    assert log.totals.result() == expected
     got = summarise(read_records(tmp_path / "r.jsonl", "r"), sla={"falls": 1.0})
     for key in ("requests", "completed", "dropped", "failed", "failures_by_reason"):
         assert got[key] == expected[key], key
@@ -137,3 +142,19 @@ def test_cli_bad_records(tmp_path: Path) -> None:
     proc = run_cli("report", str(bad), "--out", str(tmp_path / "o"), timeout=60)
     assert proc.returncode == 2
     assert "bad.jsonl:1" in proc.stderr
+
+
+def test_latency_sketch_is_exact_then_bounded() -> None:
+    """Past its exact cap the sketch keeps a fixed histogram: bounded memory, ~1% error."""
+    rng = np.random.default_rng(1)
+    values = rng.lognormal(mean=-1.0, sigma=0.8, size=50_000)
+    exact = rec.LatencySketch(exact_cap=100_000)
+    binned = rec.LatencySketch(exact_cap=1_000)
+    for part in np.array_split(values, 50):
+        exact.add(part)
+        binned.add(part)
+    assert len(exact) == len(binned) == values.size
+    truth = {f"p{q}": np.percentile(values, q) * 1000 for q in (50, 95, 99)}
+    assert exact.percentiles_ms((50, 95, 99)) == pytest.approx(truth)
+    assert binned.percentiles_ms((50, 95, 99)) == pytest.approx(truth, rel=0.025)
+    assert binned._values.size == 0 and binned._counts.size == 1000
