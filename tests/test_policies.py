@@ -212,3 +212,54 @@ def test_registry():
         get_policy("nope")
     with pytest.raises(ValueError, match="cannot import"):
         get_policy("serif_dask.policies.baseline:missing")
+
+
+def _one_deadline_problem(eu: np.ndarray, infer: np.ndarray, n_workers: int = 2):
+    """R requests of one app due together (sla 1 s), M models warm on idle workers."""
+    from serif_dask.policies import PlanProblem
+
+    r, m = eu.shape
+    now = 100.0
+    return PlanProblem(
+        now=now, app=np.zeros(r, int), group=np.arange(r), arrival=np.full(r, now),
+        sla=np.ones(r), eu=eu, eu_prior=eu, miss_utility=np.zeros(r),
+        retrieval=np.zeros((r, m, n_workers)), model_app=np.zeros(m, int),
+        infer=np.tile(np.asarray(infer, float)[:, None], (1, n_workers)),
+        switch=np.zeros((m, n_workers)), backlog=np.zeros(n_workers),
+        warm=np.ones((n_workers, m), bool), rng=np.random.default_rng(0),
+    )
+
+
+@pytest.mark.parametrize("aware", [True, False])
+def test_sneakpeek_model_mix_is_near_the_knapsack_optimum(aware: bool) -> None:
+    """The chosen mix earns within one request of the LP optimum of the model-choice
+    knapsack (max Σ gain s.t. the pooled work fits before the deadline), and fits."""
+    from scipy.optimize import linprog
+
+    from serif_dask.policies._common import Planner
+    from serif_dask.policies.sneakpeek import SneakPeekPolicy
+
+    rng = np.random.default_rng(7)
+    r, infer = 300, np.array([0.002, 0.01, 0.03])
+    if aware:  # SneakPeek-like: most requests look clearly negative, some do not
+        big_gain = np.where(rng.random(r) < 0.15, rng.uniform(0.3, 1.0, r), 0.05)
+    else:  # the prior only: every request alike
+        big_gain = np.full(r, 0.2)
+    eu = np.stack([0.4 * big_gain, 0.7 * big_gain, big_gain], axis=1)
+    p = _one_deadline_problem(eu, infer)
+    planner = Planner(p, cache_aware=True)
+    order = np.arange(r)
+    choice, served, _ = SneakPeekPolicy().choose_models(p, planner, order)
+    cost = infer / 2  # two identical workers: pooled seconds per request
+    used = cost[choice[served]].sum()
+    got = eu[served, choice[served]].sum()
+    # LP: x[r, m] >= 0, Σ_m x[r, m] <= 1, Σ x[r, m] cost[m] <= 1 s (the deadline).
+    a_ub = np.vstack([np.kron(np.eye(r), np.ones(3)), np.tile(cost, r)[None, :]])
+    lp = linprog(-eu.ravel(), A_ub=a_ub, b_ub=np.r_[np.ones(r), 1.0], bounds=(0, 1),
+                 method="highs")
+    assert lp.success
+    assert used <= 1.0 + 1e-9
+    assert got >= -lp.fun - eu.max() - 1e-9
+    # Neither everything cheap nor everything accurate: a genuine mix fills the budget.
+    assert len(set(choice[served].tolist())) >= 2
+    assert used >= 1.0 - cost.max() - 1e-9
