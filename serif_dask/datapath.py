@@ -7,7 +7,8 @@ shared memory (no copy at all); :meth:`ShmCache.put` copies an existing array in
 
 One segment per (run, node, modality) holds ``entries`` slots of ``entry_size`` bytes.
 Dask's own worker-to-worker transfer serialises, sends over a socket and deserialises
-every input; on one node a memcpy into shared memory is enough.  Slots are reused
+every input; on one node no copy at all is needed when the reader writes in place, and
+one memcpy each way when it cannot or a batch is not one run of slots.  Slots are reused
 round-robin and never re-allocated, because the first write into fresh shared pages
 costs several times a memcpy (page faults).
 

@@ -314,3 +314,34 @@ def test_score_batch_is_a_view_and_a_reused_slot_fails_its_request(run_id: str) 
         np.testing.assert_array_equal(inputs.samples[:2], expected[:0:-1])
         assert errors == {4: dataplane.STALE}
         inputs.release()
+
+
+def test_concurrent_writers_never_publish_torn_slots(run_id: str) -> None:
+    """Threads of one data worker reserving from the same ring: every ref that is still
+    valid reads back exactly what its writer put there."""
+    import threading
+
+    with ShmCache.create(run_id, "n", "m", entries=3, entry_size=4096) as cache:
+        seen: list[tuple[float, SlotRef]] = []
+        lock = threading.Lock()
+
+        def writer(base: int) -> None:
+            for i in range(200):
+                value = float(base + i)
+                with cache.reserve(2, (512,)) as res:
+                    res.array[...] = value
+                    refs = res.commit()
+                with lock:
+                    seen.extend((value, r) for r in refs)  # type: ignore[misc]
+
+        threads = [threading.Thread(target=writer, args=(k * 1000,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(seen) == 1200
+        live = [(v, r) for v, r in seen if cache.valid(r)]
+        assert 1 <= len(live) <= 3
+        for value, ref in live:
+            assert np.all(cache.get(ref, copy=True) == value)
+        assert all(int(g) % 2 == 0 for g in cache._gens) and not cache._busy
