@@ -12,7 +12,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModelImpl"]
+__all__ = ["ModelImpl", "input_tensor"]
+
+
+def input_tensor(batch: np.ndarray) -> Any:
+    """A float32 CPU tensor over ``batch`` without copying it where possible.
+
+    Score tasks hand models read-only views of the node's shared-memory cache. Torch warns
+    about wrapping non-writable memory because a tensor could write through it; a forward
+    under ``inference_mode`` never writes its input, so the warning is silenced here.
+    """
+    import warnings
+
+    import torch
+
+    array = np.ascontiguousarray(batch, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
 
 
 class ModelImpl(ABC):

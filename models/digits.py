@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from serif_dask.models import ModelImpl
+from serif_dask.models import ModelImpl, input_tensor
 
 __all__ = [
     "MODELS",
@@ -77,11 +77,7 @@ class DigitsModel(ModelImpl):
                 f"{type(self).__name__}: expected a batch of 8x8 images, got shape "
                 f"{list(batch.shape)}"
             )
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        if not x.flags.writeable:  # torch wants writable memory; 256 bytes an image
-            x = x.copy()
-        x = torch.from_numpy(x)
-        x = x.reshape(-1, *IMAGE_SHAPE).to(self.device, non_blocking=True)
+        x = input_tensor(batch).reshape(-1, *IMAGE_SHAPE).to(self.device, non_blocking=True)
         with torch.inference_mode():
             return self.net(x)
 

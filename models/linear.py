@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from serif_dask.models import ModelImpl
+from serif_dask.models import ModelImpl, input_tensor
 
 
 class LinearClassifier(ModelImpl):
@@ -40,8 +40,6 @@ class LinearClassifier(ModelImpl):
         self.nbytes = int(weight.numel() + bias.numel()) * weight.element_size()
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-        x = x.reshape(len(batch), -1).to(self.device)
+        x = input_tensor(batch).reshape(len(batch), -1).to(self.device)
         return self.layer(x).argmax(dim=1).cpu().numpy()
