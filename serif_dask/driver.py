@@ -144,13 +144,34 @@ class Driver:
     async def run(self, progress: Callable[[RunStats, RecordLog], None] | None = None) -> dict:
         """Tick until the duration is over or :meth:`stop` is called; return the summary."""
         self.log.open()
+        watch = asyncio.create_task(self._watch_scheduler())
         try:
             await self.configure()
             await self._clock(progress)
         finally:
+            watch.cancel()
             await self._drain()
             self.log.close()
         return self.summary()
+
+    async def _watch_scheduler(self) -> None:
+        """Stop the run as soon as the client loses its scheduler.
+
+        Dask's client then cancels every future and tries to reconnect for its whole
+        connect timeout; ticking on meanwhile would only fail tick after tick. The ticks
+        in flight record their requests ``scheduler-lost`` and the run ends in order.
+        """
+        while not self.stop_event.is_set():
+            if self._lost_scheduler():
+                logger.debug("serif: client status %s: scheduler lost", self.client.status)
+                self.stop()
+                return
+            await asyncio.sleep(0.2)
+
+    def _lost_scheduler(self) -> bool:
+        if self.client.status not in ("running", "newly-created"):
+            self.scheduler_lost = True
+        return self.scheduler_lost
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -245,12 +266,11 @@ class Driver:
             await self._tick_body(
                 app, tick, arrival, logical, seq, groups, pending, record, fail, futures
             )
-        except asyncio.CancelledError:
-            fail(groups, "stopped")
+        except asyncio.CancelledError:  # stopped, or futures cancelled with the scheduler
+            fail(groups, "scheduler-lost" if self._lost_scheduler() else "stopped")
             raise
         except Exception as exc:
-            if self.client.status not in ("running", "connecting"):
-                self.scheduler_lost = True
+            if self._lost_scheduler():
                 self.stop()
                 fail(groups, "scheduler-lost")
             else:

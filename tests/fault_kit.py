@@ -14,22 +14,23 @@ import numpy as np
 
 from serif_dask.readers.synthetic import SyntheticReader
 
-#: ``<server>:<tick>:<marker file>``: the data worker of ``<server>`` SIGKILLs itself in
-#: the middle of its read of ``<tick>``, once (the marker file says it happened).
+#: ``<server>:<tick>:<marker file>[:<pid>]``: in the middle of its read of ``<tick>``, the
+#: data worker of ``<server>`` SIGKILLs itself (or process ``<pid>``, e.g. the scheduler),
+#: once (the marker file says it happened).
 KILL_ENV = "SERIF_FAULT_KILL_READ"
 
 
 class KillingReader(SyntheticReader):
-    """The synthetic reader, whose process dies mid-read once, as ``$SERIF_FAULT_KILL_READ`` says.
+    """The synthetic reader, killing a process mid-read once, as ``$SERIF_FAULT_KILL_READ`` says.
 
-    Dying inside a read task is the worst moment for a data worker to go: the tick's read
-    is in flight and its peek and score tasks wait on it.
+    Inside a read task is the worst moment for a data worker (or the scheduler) to go: the
+    tick's read is in flight and its peek and score tasks wait on it.
     """
 
     def read(self, groups: np.ndarray, tick: int, **kwargs: Any) -> Any:
         spec = os.environ.get(KILL_ENV, "")
         if spec:
-            server, kill_tick, marker = spec.split(":", 2)
+            server, kill_tick, marker, *pid = spec.split(":")
             if getattr(self.server, "name", None) == server and int(tick) == int(kill_tick):
                 try:
                     fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
@@ -37,5 +38,5 @@ class KillingReader(SyntheticReader):
                     pass
                 else:
                     os.close(fd)
-                    os.kill(os.getpid(), signal.SIGKILL)
+                    os.kill(int(pid[0]) if pid else os.getpid(), signal.SIGKILL)
         return super().read(groups, tick, **kwargs)

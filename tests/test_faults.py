@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from distributed import Client
 
 from serif_dask import Serif, load_config, local_cluster
 from serif_dask.driver import peek_modality
-from tests.conftest import HOSPITAL
+from tests.conftest import BIN, HOSPITAL, ROOT, run_cli
 from tests.fault_kit import KILL_ENV
 
 CONFIG_FILES = ("system", "application", "data")
@@ -131,3 +132,70 @@ def test_data_worker_killed_mid_read(tmp_path: Path, monkeypatch: pytest.MonkeyP
     others = [r for r in records if r["group"] not in bay_a[r["app"]]
               and r["tick"] > kill_tick[r["app"]]]
     assert others and all(r["outcome"] == "completed" for r in others)
+
+
+def _fault_config(target: Path) -> Path:
+    """The hospital example whose reads go through :class:`tests.fault_kit.KillingReader`."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in CONFIG_FILES:
+        doc = json.loads((HOSPITAL / f"{name}.json").read_text())
+        for mod in doc.get("data-modalities", []):
+            mod["impl"] = "tests.fault_kit:KillingReader"
+        (target / f"{name}.json").write_text(json.dumps(doc))
+    return target
+
+
+def test_scheduler_killed_mid_tick(tmp_path: Path) -> None:
+    """`serif-dask run` against a hand-started cluster whose scheduler dies mid-tick."""
+    dask = str(BIN / "dask")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(args: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        return subprocess.Popen([dask, *args], stdin=subprocess.DEVNULL,
+                                stdout=(logs / f"{name}.log").open("w"),
+                                stderr=subprocess.STDOUT, env=env)
+
+    sched_file, marker = tmp_path / "scheduler.json", tmp_path / "killed"
+    scheduler = start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                       ":0", "--scheduler-file", str(sched_file), "--preload",
+                       "serif_dask.scheduler"], "scheduler")
+    procs = [scheduler]
+    try:
+        while not sched_file.exists():
+            assert scheduler.poll() is None, (logs / "scheduler.log").read_text()
+            time.sleep(0.2)
+        address = json.loads(sched_file.read_text())["address"]
+        # data@bay-a kills the scheduler in the middle of its read of tick 3.
+        env = os.environ | {KILL_ENV: f"bay-a:3:{marker}:{scheduler.pid}",
+                            "PYTHONPATH": str(ROOT)}  # workers import tests.fault_kit
+        workers = [(n, "GPU=1") for n in ("bay-a", "bay-b", "bay-c")]
+        workers += [(f"data@{s}", "DATA=1") for s in ("bay-a", "bay-b")]
+        for name, resources in workers:
+            procs.append(start(
+                ["worker", address, "--name", name, "--resources", resources, "--nthreads", "1",
+                 "--preload", "serif_dask.worker", "--no-dashboard"], name, env,
+            ))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(len(workers), timeout=120)
+        out, rec = tmp_path / "s.json", tmp_path / "r.jsonl"
+        proc = run_cli("run", str(_fault_config(tmp_path / "config")), "--scheduler-address",
+                       address, "--duration", "30", "--policy", "fastest", "--json", str(out),
+                       "--records", str(rec), timeout=120)
+    finally:
+        for p in reversed(procs):
+            p.kill()
+        for p in procs:
+            p.wait()
+    assert marker.exists(), "the scheduler was never killed"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: lost the Dask scheduler; summary holds what was recorded"
+    ], proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    records = [json.loads(x) for x in rec.read_text().splitlines()]
+    _accounted(summary, records)
+    assert summary["ticks"] < 30  # it stopped on the loss, not at the end of the duration
+    failed = {r["reason"] for r in records if r["outcome"] == "failed"}
+    assert failed == {"scheduler-lost"}, summary  # tick 3 was in flight
+    assert {r["tick"] for r in records if r["app"] == "wakeword"} >= {0, 1, 2, 3}
