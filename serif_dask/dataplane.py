@@ -128,26 +128,33 @@ def redis_client(plugin: Any) -> Any:
 
 
 def export_inputs(plugin: Any, read: Any, groups: list[int], ttl_s: float) -> dict[int, str]:
-    """Copy some groups' samples from this node's cache to Redis, for another node."""
-    from serif_dask.store import InputStore
+    """Copy some groups' samples from this node's cache to Redis, for another node.
 
-    store = InputStore(redis_client(plugin))
+    With Redis down the groups not exported yet are left out: the score task fails just
+    those ``input-unavailable`` and scores the rest of its batch.
+    """
+    from serif_dask.store import REDIS_ERRORS, InputStore
+
     index = {int(g): i for i, g in enumerate(read.groups)}
     keys: dict[int, str] = {}
-    for group in groups:
-        ref = read.refs[index[group]] if read.refs is not None else None
-        if ref is None:
-            continue
-        try:
-            sample = datapath.read(ref, copy=False)
-        except datapath.StaleSlot:
-            continue  # the score task reports it as input-stale
-        key = f"{read.app}:{read.tick}:{read.modality}:{group}:{plugin.run_id}"
-        store.put(key, sample, ttl_s)
-        if not datapath.valid(ref):  # rewritten while it was being sent
-            store.delete(key)
-            continue
-        keys[group] = key
+    try:
+        store = InputStore(redis_client(plugin))
+        for group in groups:
+            ref = read.refs[index[group]] if read.refs is not None else None
+            if ref is None:
+                continue
+            try:
+                sample = datapath.read(ref, copy=False)
+            except datapath.StaleSlot:
+                continue  # the score task reports it as input-stale
+            key = f"{read.app}:{read.tick}:{read.modality}:{group}:{plugin.run_id}"
+            store.put(key, sample, ttl_s)
+            if not datapath.valid(ref):  # rewritten while it was being sent
+                store.delete(key)
+                continue
+            keys[group] = key
+    except REDIS_ERRORS as exc:
+        logger.warning("serif: cannot export inputs to Redis: %s: %s", type(exc).__name__, exc)
     return keys
 
 
@@ -216,14 +223,21 @@ def gather_inputs(
     fetched: dict[int, np.ndarray] = {}
     fetch_s = 0.0
     if keys:
-        from serif_dask.store import InputMissing, InputStore
+        from serif_dask.store import REDIS_ERRORS, InputMissing, InputStore
 
-        store = InputStore(redis_client(plugin))
+        down = ""  # once Redis fails, the batch's other remote inputs fail without a try
         for r, key in keys.items():
+            if down:
+                errors[int(groups[r])] = down
+                continue
             try:
-                fetched[r], seconds = store.get_timed(key)
+                fetched[r], seconds = InputStore(redis_client(plugin)).get_timed(key)
             except InputMissing:
                 errors[int(groups[r])] = "input-missing: its Redis copy expired"
+                continue
+            except REDIS_ERRORS as exc:
+                down = f"input-unavailable: Redis: {type(exc).__name__}: {exc}"[:200]
+                errors[int(groups[r])] = down
                 continue
             fetch_s += seconds
     shapes = [tuple(ref.shape) for r, ref in enumerate(local)
@@ -279,6 +293,36 @@ def device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_or_fallback(
+    plugin: Any, app: Application, profile: ModelProfile
+) -> tuple[Any, ModelProfile]:
+    """The planned model; if its weights cannot be had (Redis down, missing, corrupted),
+    the warm model of the same application and modality with the best expected utility
+    under the prior. Returns (model, the profile that will serve); raises when none is warm.
+
+    A weaker answer in time earns utility; a failed request earns none.
+    """
+    try:
+        return load_model(plugin, app, profile)[0], profile
+    except Exception as exc:
+        plugin.report_warm()  # the scheduler counted this model warm when it planned it
+        warm = [
+            p for p in app.model_profiles
+            if p.name != profile.name and p.modality == profile.modality and not p.use_profile
+            and f"{app.name}/{p.name}" in plugin.models
+        ]
+        if not warm:
+            raise
+        from serif_dask.utility import expected_utility, row_normalise
+
+        eu = expected_utility(app.prior, np.stack([row_normalise(p.cmat) for p in warm]),
+                              app.utility_matrix)
+        fallback = warm[int(np.argmax(eu))]
+        logger.warning("serif: %s/%s cannot load (%s: %s); served by warm %s instead",
+                       app.name, profile.name, type(exc).__name__, exc, fallback.name)
+        return load_model(plugin, app, fallback)[0], fallback
 
 
 def load_model(plugin: Any, app: Application, profile: ModelProfile) -> tuple[Any, bool]:

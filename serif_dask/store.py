@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "InputMissing",
     "InputStore",
+    "REDIS_ERRORS",
     "RedisAuthError",
     "RedisUnavailable",
     "WeightMeta",
@@ -83,6 +84,10 @@ class InputMissing(LookupError):
     """No input under this key (never written, or its TTL expired)."""
 
 
+#: What a Redis command raises when Redis is down, unreachable or failing over.
+REDIS_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisUnavailable, OSError)
+
+
 # ---------------------------------------------------------------------------------
 # connection
 # ---------------------------------------------------------------------------------
@@ -107,10 +112,15 @@ def connect(
     Whether the nodes form a cluster is asked from the server (``INFO cluster``), so a
     single-port config may name one node of a cluster, and a cluster config several.
     Raises :class:`RedisUnavailable` (or :class:`RedisAuthError`) with one clear line.
+
+    A command retries twice within ~0.1 s (redis-py's default of 10 tries with backoff
+    blocks ~3.5 s per command while Redis is down, past any request's deadline); pass
+    ``retry=`` to choose otherwise.
     """
     nodes = [(str(h), int(p)) for h, p in nodes]
     if not nodes:
         raise ValueError("connect() needs at least one (host, port)")
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.05), 2))
     options: dict[str, Any] = dict(
         password=password, username=username, socket_timeout=socket_timeout,
         socket_connect_timeout=min(socket_timeout, 5.0), **kwargs,
@@ -123,7 +133,7 @@ def connect(
     for host, port in nodes:
         # The probe fails fast: redis-py's default retries (with backoff, and also on
         # AuthenticationError, a ConnectionError) would take seconds to say "no".
-        probe = redis.Redis(host=host, port=port, retry=Retry(NoBackoff(), 0), **options)
+        probe = redis.Redis(host=host, port=port, **(options | {"retry": Retry(NoBackoff(), 0)}))
         try:
             cluster_enabled = bool(int(probe.info("cluster").get("cluster_enabled", 0)))
         except redis.AuthenticationError as e:

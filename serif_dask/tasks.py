@@ -373,10 +373,11 @@ def _score_real(
     inputs = dataplane.gather_inputs(plugin, groups, reads, exports, errors)
     ok = np.asarray([int(g) not in errors for g in groups], dtype=bool)
     pred = np.full(len(groups), -1, dtype=np.int64)
+    served_by = profile  # a warm fallback when this model's weights cannot be loaded
     try:
         if inputs.samples is not None and ok.any():
             try:
-                model, _ = dataplane.load_model(plugin, app_cfg, profile)
+                model, served_by = dataplane.load_or_fallback(plugin, app_cfg, profile)
             except Exception as exc:  # Redis down, weights missing or corrupted
                 reason = f"weights-unavailable: {type(exc).__name__}: {exc}"
                 errors.update({int(g): reason.splitlines()[0][:200] for g in groups[ok]})
@@ -400,7 +401,7 @@ def _score_real(
         "start": started,
         "finish": time.time(),
         "worker": worker_name,
-        "model": profile.name,
+        "model": served_by.name,
         "retrieval_s": fetch_s,
     }
 
