@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from serif_dask.policies import DROP, Plan, PlanProblem
 from serif_dask.readers.synthetic import SyntheticReader
 
 #: ``<server>:<tick>:<marker file>[:<pid>]``: in the middle of its read of ``<tick>``, the
@@ -40,3 +41,25 @@ class KillingReader(SyntheticReader):
                     os.close(fd)
                     os.kill(int(pid[0]) if pid else os.getpid(), signal.SIGKILL)
         return super().read(groups, tick, **kwargs)
+
+
+class RoutePolicy:
+    """A policy the test steers: ``routes[group % 2] = ("app/model", worker address)``.
+
+    Registered in the test process (a LocalCluster's scheduler runs there), it lets a test
+    decide which model must be loaded where, and when, whatever the machine's speed.
+    Groups whose parity has no route are dropped.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[int, tuple[str, str]] = {}
+
+    def __call__(self, problem: PlanProblem) -> Plan:
+        n = problem.n_requests
+        model, worker = np.full(n, DROP), np.full(n, DROP)
+        for parity, (name, address) in dict(self.routes).items():
+            if name in problem.model_names and address in problem.worker_names:
+                mine = problem.group % 2 == parity
+                model[mine] = problem.model_names.index(name)
+                worker[mine] = problem.worker_names.index(address)
+        return Plan(model=model, worker=worker, priority=np.zeros(n))

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 from distributed import Client
+from redis_fixtures import assert_gone
 
 from serif_dask import Serif, load_config, local_cluster
 from serif_dask.driver import peek_modality
+from serif_dask.policies import _REGISTERED, register_policy
+from serif_dask.redis_server import EmbeddedRedis, start_cluster
+from serif_dask.store import REDIS_ERRORS, WeightStore, connect
 from tests.conftest import BIN, HOSPITAL, ROOT, run_cli
-from tests.fault_kit import KILL_ENV
+from tests.fault_kit import KILL_ENV, RoutePolicy
 
 CONFIG_FILES = ("system", "application", "data")
 
@@ -199,3 +203,180 @@ def test_scheduler_killed_mid_tick(tmp_path: Path) -> None:
     failed = {r["reason"] for r in records if r["outcome"] == "failed"}
     assert failed == {"scheduler-lost"}, summary  # tick 3 was in flight
     assert {r["tick"] for r in records if r["app"] == "wakeword"} >= {0, 1, 2, 3}
+
+
+DIGITS = ROOT / "configs" / "digits"
+LINEAR, MLP = "digits/digits-linear", "digits/digits-mlp"
+
+
+def _digits_config(target: Path, redis_ports: list[int], *, colocate: bool) -> Path:
+    """configs/digits on the given Redis. ``colocate``: its scanners are the compute nodes
+    (inputs then go through shared memory, not through Redis)."""
+    target.mkdir(parents=True, exist_ok=True)
+    docs = {n: json.loads((DIGITS / f"{n}.json").read_text()) for n in CONFIG_FILES}
+    docs["system"]["redis-nodes"] = [{"ip-address": "127.0.0.1", "ports": redis_ports}]
+    for app in docs["application"]["applications"]:
+        for profile in app["model-profiles"]:
+            profile["model-weights"] = str(DIGITS / profile["model-weights"])
+    if colocate:
+        for server, node in zip(docs["data"]["servers"], ("node-a", "node-b"), strict=True):
+            server["name"] = node
+    for name, doc in docs.items():
+        (target / f"{name}.json").write_text(json.dumps(doc))
+    return target
+
+
+class _SteeredRun:
+    """``serif.run(duration=0)`` in a thread; the test waits for what the records show."""
+
+    def __init__(self, serif: Serif) -> None:
+        self.serif, self.rows = serif, []
+        self.summary: dict | None = None
+        self.error: BaseException | None = None
+        serif.on_records = self.rows.extend
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.summary = self.serif.run(duration=0)
+        except BaseException as exc:
+            self.error = exc
+
+    def wait_for(self, what: str, seen: Callable[[dict], bool], cap_s: float = 90) -> None:
+        """Until a record satisfies ``seen``; the cap only keeps a broken run from hanging."""
+        deadline = time.monotonic() + cap_s
+        while not any(seen(r) for r in list(self.rows)):
+            assert self.thread.is_alive(), f"the run ended before {what}: {self.error!r}"
+            assert time.monotonic() < deadline, f"never saw {what}"
+            time.sleep(0.1)
+
+    def stop(self) -> dict:
+        self.serif.client.loop.add_callback(self.serif.stop)
+        self.thread.join(60)
+        assert self.summary is not None, self.error
+        return self.summary
+
+
+def _addresses(client: Client) -> dict[str, str]:
+    """Worker name -> address."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    return {str(w["name"]): address for address, w in info.items()}
+
+
+@pytest.fixture
+def routes():
+    """A :class:`RoutePolicy` registered as ``test-fault-routes`` for this test."""
+    policy = RoutePolicy()
+    register_policy("test-fault-routes", policy)
+    yield policy
+    _REGISTERED.pop("test-fault-routes", None)
+
+
+def _persistent_redis(data_dir: Path, port: int | None = None) -> EmbeddedRedis:
+    """A redis-server whose data survives a SIGKILL (AOF, fsync always), as in production."""
+    return EmbeddedRedis(port, extra_config={
+        "dir": str(data_dir), "appendonly": "yes", "appendfsync": "always",
+    }).start()
+
+
+def test_redis_lost_and_back(tmp_path: Path, routes: RoutePolicy) -> None:
+    """Warm models serve on; a cold one falls back to a warm one or fails; loads resume."""
+    data_dir = tmp_path / "redis"
+    data_dir.mkdir()
+    servers = [_persistent_redis(data_dir)]
+    port = servers[0].port
+    config = load_config([_digits_config(tmp_path / "config", [port], colocate=True)])
+    try:
+        with local_cluster(config) as cluster, Client(cluster) as client:
+            addr = _addresses(client)
+            routes.routes = {0: (LINEAR, addr["node-a"]), 1: (LINEAR, addr["node-a"])}
+            run = _SteeredRun(Serif(client, config, policy="test-fault-routes", seed=3,
+                                    records=tmp_path / "r.jsonl"))
+            try:
+                run.wait_for("linear warm on node-a", lambda r: r["outcome"] == "completed")
+                # mlp is cold everywhere, and node-b has nothing warm at all.
+                routes.routes = {0: (MLP, addr["node-a"]), 1: (MLP, addr["node-b"])}
+                servers[0].kill()
+                down = time.time()
+                run.wait_for("node-a's warm linear serving mlp's requests with Redis down",
+                             lambda r: r["arrival"] > down and r["outcome"] == "completed"
+                             and r["model"] == "digits-linear" and r["worker"] == "node-a")
+                run.wait_for("node-b failing weights-unavailable with Redis down",
+                             lambda r: r["arrival"] > down and r["worker"] == "node-b"
+                             and (r["reason"] or "").startswith("weights-unavailable"))
+                servers.append(_persistent_redis(data_dir, port))  # back, with its data
+                up = time.time()
+                run.wait_for("node-b loading mlp once Redis is back",
+                             lambda r: r["arrival"] > up and r["outcome"] == "completed"
+                             and r["model"] == "digits-mlp" and r["worker"] == "node-b")
+            finally:
+                summary = run.stop()
+    finally:
+        for server in servers:
+            server.stop()
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    _accounted(summary, records)
+    reasons = {(r["reason"] or "").split(":", 1)[0] for r in records if r["outcome"] == "failed"}
+    assert reasons <= {"weights-unavailable", "input-unavailable"}, summary
+
+
+def test_redis_cluster_master_killed(tmp_path: Path, routes: RoutePolicy) -> None:
+    """3 masters + 3 replicas; a master dies mid-run: no weight lost, every request counted."""
+    cluster = start_cluster(3, replicas=1, node_timeout_ms=1000, timeout=60)
+    pids = [s.pid or 0 for s in cluster.servers]
+    try:
+        ports = [p for _, p in cluster.nodes]
+        config = load_config([_digits_config(tmp_path / "config", ports, colocate=False)])
+        with local_cluster(config) as dask_cluster, Client(dask_cluster) as client:
+            addr = _addresses(client)
+            routes.routes = {0: (LINEAR, addr["node-a"]), 1: (LINEAR, addr["node-a"])}
+            run = _SteeredRun(Serif(client, config, policy="test-fault-routes", seed=3,
+                                    records=tmp_path / "r.jsonl"))
+            try:
+                run.wait_for("requests served through the cluster",
+                             lambda r: r["outcome"] == "completed")
+                # Kill the master holding mlp's weights, which nobody has loaded yet.
+                redis = connect(cluster.nodes)
+                owner = redis.get_node_from_key("serif:weights:{digits-mlp}:meta")
+                redis.close()
+                victim = next(s for s in cluster.masters if s.port == owner.port)
+                victim.kill()
+                survivors = [s.address for s in cluster.servers if s is not victim]
+                _wait_for_failover(survivors)
+                routes.routes = {0: (MLP, addr["node-b"]), 1: (MLP, addr["node-b"])}
+                moved = time.time()
+                run.wait_for("mlp loaded from the promoted replica",
+                             lambda r: r["arrival"] > moved and r["outcome"] == "completed"
+                             and r["model"] == "digits-mlp")
+            finally:
+                summary = run.stop()
+        store = WeightStore(connect(survivors))
+        for app in config.apps:
+            for profile in app.model_profiles:
+                assert store.fetch(profile.redis_key) == Path(profile.weights).read_bytes()
+    finally:
+        cluster.stop()
+        assert_gone(pids)
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    _accounted(summary, records)
+    reasons = {(r["reason"] or "").split(":", 1)[0] for r in records if r["outcome"] == "failed"}
+    assert reasons <= {"weights-unavailable", "input-unavailable", "input-missing"}, summary
+
+
+def _wait_for_failover(nodes: list[tuple[str, int]], cap_s: float = 60) -> None:
+    """Until the surviving nodes serve every slot again (a replica took over)."""
+    deadline = time.monotonic() + cap_s
+    while True:
+        try:
+            client = connect(nodes)
+            try:
+                if client.cluster_info().get("cluster_state") == "ok":
+                    client.get("serif:probe")  # answered by the new master of that slot
+                    return
+            finally:
+                client.close()
+        except REDIS_ERRORS:
+            pass
+        assert time.monotonic() < deadline, "the cluster never failed over"
+        time.sleep(0.2)
