@@ -356,12 +356,13 @@ class Driver:
             futures.extend(peeks.values())
         # A late look is worth nothing: plan with the prior rather than wait past 2 × sla.
         deadline = time.monotonic() + 2 * app.sla_latency
-        for server in await self._await_reads(app, tick, reads, data, fail, deadline):
-            lost_peek = peeks.pop(server, None)
-            if lost_peek is not None:
+        results = []
+        if peeks:  # the peeks wait for these reads anyway: watch them for a dead worker
+            for server in await self._await_reads(app, tick, reads, peek_mod, data, fail,
+                                                  deadline):
                 with contextlib.suppress(Exception):
-                    await client.cancel([lost_peek], asynchronous=True)
-        results = await self._gather_peeks(app, tick, list(peeks.values()), deadline)
+                    await client.cancel([peeks.pop(server)], asynchronous=True)
+            results = await self._gather_peeks(app, tick, list(peeks.values()), deadline)
         for result in results:
             scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
 
@@ -454,20 +455,18 @@ class Driver:
 
     async def _await_reads(
         self, app: Application, tick: int, reads: dict[str, list[tuple[str, Future]]],
-        data: dict[str, dict[str, Any]], fail: Callable[..., None], deadline: float,
+        mod: str, data: dict[str, dict[str, Any]], fail: Callable[..., None], deadline: float,
     ) -> set[str]:
-        """Wait for a tick's reads; fail the groups of reads whose data worker is gone.
+        """Wait for a tick's reads of ``mod``; fail the groups of those whose worker is gone.
 
         A read pinned to a dead worker would wait in ``no-worker`` for ever, and the peeks
         and score batches that need it with it. Its groups fail ``reader-lost`` (a read
         that erred: ``reader-error``), it is cancelled and taken out of ``reads``, and the
         tick goes on with the other servers. Returns the servers whose reads were lost.
+        (Reads of other modalities are watched by :meth:`_collect`, through the batches.)
         """
-        waiting = {
-            asyncio.ensure_future(self._settled(fut)): (mod, server, fut)
-            for mod, rs in reads.items() for server, fut in rs
-        }
-        lost: dict[tuple[str, str], str] = {}  # (modality, server) -> reason
+        waiting = {asyncio.ensure_future(self._settled(f)): server for server, f in reads[mod]}
+        lost: dict[str, str] = {}  # server -> reason
         try:
             while waiting:
                 timeout = min(0.5, deadline - time.monotonic())
@@ -475,22 +474,22 @@ class Driver:
                     break  # slow but alive: the score batches wait for it
                 done, _ = await asyncio.wait(waiting, timeout=timeout)
                 for task in done:
-                    mod, server, _ = waiting.pop(task)
+                    server = waiting.pop(task)
                     error = task.result()
                     if error is not None:
                         reason = "reader-lost" if "KilledWorker" in error else "reader-error"
-                        lost[mod, server] = f"{reason}: {error}"[:200]
+                        lost[server] = f"{reason}: {error}"[:200]
                 if waiting and not done:
                     alive = {w["address"] for w in await self._workers()}
-                    for task, (mod, server, _) in list(waiting.items()):
+                    for task, server in list(waiting.items()):
                         if data[server]["address"] not in alive:
                             task.cancel()
                             del waiting[task]
-                            lost[mod, server] = "reader-lost"
+                            lost[server] = "reader-lost"
         finally:
             for task in waiting:
                 task.cancel()
-        for (mod, server), reason in lost.items():
+        for server, reason in lost.items():
             fut = next(f for s, f in reads[mod] if s == server)
             reads[mod] = [(s, f) for s, f in reads[mod] if s != server]
             with contextlib.suppress(Exception):
@@ -499,7 +498,7 @@ class Driver:
             logger.warning("serif: %s read of %s tick %d on %s failed (%s); %d requests",
                            mod, app.name, tick, server, reason, owned.size)
             fail(owned, reason)
-        return {server for _, server in lost}
+        return set(lost)
 
     def _exports(
         self, app: Application, tick: int, modality: str, batch: dict[str, Any],
@@ -545,6 +544,7 @@ class Driver:
             )
             ctx.futures.append(fut)
             # The data workers whose results this batch waits for (reads and exports).
+            batch["modality"] = profile.modality
             batch["sources"] = {s: ctx.data[s]["address"] for s, _ in ctx.reads[profile.modality]}
             batches[fut] = batch
         return batches
@@ -606,10 +606,7 @@ class Driver:
                                    ", ".join(gone) or "live data workers")
                     for server in gone:
                         await self._drop_reads(ctx, server)
-                        owned = np.concatenate(
-                            [np.asarray(self.config.groups_of(server, m), dtype=np.int64)
-                             for m in ctx.reads]
-                        )
+                        owned = np.asarray(self.config.groups_of(server, batch["modality"]))
                         fail(lost[np.isin(lost, owned)], "reader-lost")
                         lost = lost[~np.isin(lost, owned)]
                     if lost.size == 0:
