@@ -307,7 +307,8 @@ def load_or_fallback(
     try:
         return load_model(plugin, app, profile)[0], profile
     except Exception as exc:
-        plugin.report_warm()  # the scheduler counted this model warm when it planned it
+        # The scheduler counted this model warm when it planned it.
+        plugin.report_warm(cold=[f"{app.name}/{profile.name}"])
         warm = [
             p for p in app.model_profiles
             if p.name != profile.name and p.modality == profile.modality and not p.use_profile
@@ -350,9 +351,9 @@ def load_model(plugin: Any, app: Application, profile: ModelProfile) -> tuple[An
     model.load(state, device())
     nbytes = int(getattr(model, "nbytes", 0) or len(data))
     with plugin.lock:
-        plugin.models.put(name, model, nbytes)
+        evicted = plugin.models.put(name, model, nbytes)
     logger.info("serif: loaded %s (%d bytes) in %.3f s", name, nbytes, time.perf_counter() - t0)
-    plugin.report_warm()
+    plugin.report_warm(cold=evicted)
     return model, True
 
 

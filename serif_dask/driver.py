@@ -194,7 +194,11 @@ class Driver:
                 except TimeoutError:
                     pass
             now = time.time()
-            for i, app in enumerate(apps):
+            # Ticks due together are planned earliest deadline first: the plugin books work
+            # in plan order, so a tight application planned after a loose one would queue
+            # behind it.
+            for i in sorted(range(len(apps)), key=lambda i: (due[i] + apps[i].sla_latency, i)):
+                app = apps[i]
                 if due[i] > now:
                     continue
                 if now - due[i] > min(0.5, app.sample_duration / 2):

@@ -244,13 +244,25 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             "redis": self.redis_info,
         }
 
-    def warm_update(self, worker: str, node: str, warm: list[str]) -> None:
-        """A worker plugin reports its shared-memory node and its warm models (LRU order)."""
+    def warm_update(
+        self, worker: str, node: str, warm: list[str], cold: list[str] | None = None
+    ) -> None:
+        """A worker plugin reports its shared-memory node, its warm models, and the models
+        that went cold (evicted or failed to load).
+
+        Plans mark a model warm when they book it; a report only adds what loaded and
+        removes what went cold. Replacing the set would forget models booked but not yet
+        loaded, at a moment that depends on timing, and decisions would stop being
+        reproducible.
+        """
         state = self.workers.get(worker)
         if state is None:
             return
         state.host_node = node
-        state.warm = dict.fromkeys(warm)
+        for name in warm:
+            state.warm.setdefault(name, None)
+        for name in cold or ():
+            state.warm.pop(name, None)
 
     async def plan(
         self,

@@ -335,8 +335,7 @@ def score_task(
     if delay > 0:
         time.sleep(delay)
     if cache_name not in plugin.models:
-        plugin.models.put(cache_name, "profile", 0)
-        plugin.report_warm()
+        plugin.report_warm(cold=plugin.models.put(cache_name, "profile", 0))
     else:
         plugin.models.get(cache_name)
 

@@ -46,14 +46,17 @@ class ModelCache:
         self._entries.move_to_end(name)
         return entry[0]
 
-    def put(self, name: str, model: Any, nbytes: int) -> None:
+    def put(self, name: str, model: Any, nbytes: int) -> list[str]:
+        """Add a loaded model; returns the names evicted to make room for it."""
         self._entries[name] = (model, nbytes)
         self._entries.move_to_end(name)
+        evicted: list[str] = []
         if self.capacity is None:
-            return
+            return evicted
         while len(self._entries) > 1 and self.nbytes > self.capacity:
-            self._entries.popitem(last=False)
+            evicted.append(self._entries.popitem(last=False)[0])
             self.evictions += 1
+        return evicted
 
     def discard(self, name: str) -> None:
         self._entries.pop(name, None)
@@ -236,16 +239,20 @@ class SerifWorkerPlugin(WorkerPlugin):
             self.models = ModelCache(capacity)
             return config
 
-    def report_warm(self) -> None:
-        """Tell the scheduler plugin which models are warm here (fire and forget)."""
+    def report_warm(self, cold: list[str] | tuple[str, ...] = ()) -> None:
+        """Tell the scheduler plugin which models are warm here and which went cold
+        (evicted, or failed to load); fire and forget."""
         worker = self.worker
         if worker is None:
             return
         warm = self.models.names()
+        cold = [name for name in cold if name not in warm]
 
         async def _send() -> None:
             try:
-                await worker.scheduler.serif_warm(worker=worker.address, node=self.node, warm=warm)
+                await worker.scheduler.serif_warm(
+                    worker=worker.address, node=self.node, warm=warm, cold=cold
+                )
             except Exception:  # the scheduler may be gone at shutdown
                 logger.debug("serif: could not report warm models", exc_info=True)
 
