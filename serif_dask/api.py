@@ -35,7 +35,8 @@ def push_weights(config: SerifConfig, client: Any) -> list[str]:
     """Put each real model's weights file into Redis unless the same bytes are there."""
     from serif_dask.store import WeightStore
 
-    store = WeightStore(client)
+    # A push returns once the master's replicas hold it: losing a master loses no weights.
+    store = WeightStore(client, replicas=None)
     pushed = []
     for app in config.apps:
         for profile in app.model_profiles:

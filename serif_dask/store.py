@@ -221,7 +221,7 @@ class WeightStore:
     """
 
     def __init__(self, client: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                 prefix: str = "serif:weights", replicas: int = 0,
+                 prefix: str = "serif:weights", replicas: int | None = 0,
                  replica_timeout_s: float = 10.0) -> None:
         if chunk_size <= 0 or chunk_size > DEFAULT_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in 1..{DEFAULT_CHUNK_SIZE}")
@@ -230,6 +230,7 @@ class WeightStore:
         self.prefix = prefix
         # Replication is asynchronous: with ``replicas`` > 0 a push returns only once that
         # many replicas hold it (WAIT), so losing a master right after loses no weights.
+        # ``None``: as many as the key's master has connected at the time of the push.
         self.replicas = replicas
         self.replica_timeout_s = replica_timeout_s
 
@@ -300,22 +301,27 @@ class WeightStore:
             "chunk_size": meta.chunk_size, "version": meta.version, "seq": meta.seq,
             "pushed_at": repr(meta.pushed_at),
         })
-        if self.replicas:
+        if self.replicas != 0:
             self._wait_replicas(key)
         if old is not None and old.seq != seq:
             self._delete_chunks(key, old.seq, old.chunks)
         return meta
 
     def _wait_replicas(self, key: str) -> None:
-        args = ("WAIT", self.replicas, int(self.replica_timeout_s * 1000))
+        target: dict[str, Any] = {}
         if isinstance(self.client, RedisCluster):
-            node = self.client.get_node_from_key(self._k(key, "meta"))
-            acked = self.client.execute_command(*args, target_nodes=node)
-        else:
-            acked = self.client.execute_command(*args)
-        if int(acked) < self.replicas:
+            target["target_nodes"] = self.client.get_node_from_key(self._k(key, "meta"))
+        want = self.replicas
+        if want is None:
+            info = self.client.info("replication", **target)
+            want = int(info.get("connected_slaves", 0))
+            if want == 0:
+                return
+        args = ("WAIT", want, int(self.replica_timeout_s * 1000))
+        acked = self.client.execute_command(*args, **target)
+        if int(acked) < want:
             raise RedisUnavailable(
-                f"weights {key!r}: only {acked} of {self.replicas} replicas acknowledged "
+                f"weights {key!r}: only {acked} of {want} replicas acknowledged "
                 f"within {self.replica_timeout_s} s"
             )
 

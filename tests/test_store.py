@@ -104,6 +104,15 @@ def test_cluster_with_replicas_and_password() -> None:
         ws = WeightStore(client, chunk_size=CHUNK, replicas=1)
         data = _payload(3500)
         ws.push("replicated", data)
+        # as `weights push` and `run` do: wait for the replicas the key's master has
+        # (once every replica has attached to its master)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+            s.client().info("replication").get("connected_slaves", 0) >= 1
+            for s in cluster.servers[:3]
+        ):
+            time.sleep(0.1)
+        WeightStore(client, chunk_size=CHUNK, replicas=None).push("auto", data)
         # the replica of the key's master holds every chunk already (WAIT)
         master = client.get_node_from_key("serif:weights:{replicated}:meta")
         replica = next(
@@ -114,6 +123,13 @@ def test_cluster_with_replicas_and_password() -> None:
         r.execute_command("READONLY")
         assert r.hgetall("serif:weights:{replicated}:meta")[b"chunks"] == b"4"
         assert ws.fetch("replicated") == data
+        auto_master = client.get_node_from_key("serif:weights:{auto}:meta")
+        auto_replica = next(
+            s for s in cluster.servers[3:]
+            if s.client().info("replication").get("master_port") == auto_master.port
+        ).client()
+        auto_replica.execute_command("READONLY")
+        assert auto_replica.hgetall("serif:weights:{auto}:meta")[b"chunks"] == b"4"
     assert_gone([s.pid or 0 for s in cluster.servers])
 
 
