@@ -241,7 +241,8 @@ class Planner:
         takes each request's best model and list-schedules per model, keeping only requests
         whose expected realised utility beats ``miss_utility``. Returns dropped indices.
         With a ``price`` (utility per pooled second), a request weighs each model's utility
-        against the cluster time it uses instead of grabbing the best first slot.
+        against the cluster time it uses, and is served only if it earns more than a drop
+        by at least what that time is worth: late work must not crowd out on-time work.
         """
         rate = np.where(self.feasible, 1.0 / self.infer, 0.0).sum(axis=1)
         cost = np.divide(1.0, rate, out=np.full(rate.shape, np.inf), where=rate > 0)
@@ -258,9 +259,10 @@ class Planner:
             ok = open_[None] & np.isfinite(eu)[:, :, None]
             u = np.where(ok, f * np.where(np.isfinite(eu), eu, 0.0)[:, :, None], -np.inf)
             best_m = u.max(axis=2)  # (n, M)
-            earns = best_m > self.miss[pending, None] + MIN_GAIN
+            net = best_m - price * np.where(np.isfinite(cost), cost, 0.0)[None, :]
+            earns = net > self.miss[pending, None] + MIN_GAIN
             hopeful = earns.any(axis=1)
-            net = np.where(earns, best_m - price * np.where(np.isfinite(cost), cost, 0.0), -np.inf)
+            net = np.where(earns, net, -np.inf)
             m_choice = net.argmax(axis=1)
             w_choice = u[np.arange(pending.size), m_choice].argmax(axis=1)
             if not hopeful.any():
@@ -269,7 +271,8 @@ class Planner:
             cand, mc, wc = pending[hopeful], m_choice[hopeful], w_choice[hopeful]
             for m in np.unique(mc):
                 sel = mc == m
-                placed = self.place(cand[sel], self.model_worker_rows(int(m)), self._earns)
+                earns_here = self._earns_at(price * float(cost[m]) if price else 0.0)
+                placed = self.place(cand[sel], self.model_worker_rows(int(m)), earns_here)
                 if not placed.any():
                     # List scheduling ignores where inputs lie; the worker each request
                     # priced best surely takes at least its first request.
@@ -277,7 +280,7 @@ class Planner:
                         row = np.full(self.infer.shape[1], -1)
                         row[w] = m
                         on_w = cand[sel & (wc == w)]
-                        placed = self.place(on_w, row, self._earns)
+                        placed = self.place(on_w, row, earns_here)
                         placed_any |= bool(placed.any())
                 placed_any |= bool(placed.any())
             still = self.model[pending] == DROP
@@ -288,6 +291,13 @@ class Planner:
 
     def _earns(self, idx, m, w, finish) -> np.ndarray:
         return self.value(idx, m, finish) > self.miss[idx] + MIN_GAIN
+
+    def _earns_at(self, charge: float):
+        """Acceptance for a request that must earn ``charge`` more than a drop: what the
+        cluster time it takes is worth to other requests."""
+        def accept(idx, m, w, finish) -> np.ndarray:
+            return self.value(idx, m, finish) > self.miss[idx] + MIN_GAIN + charge
+        return accept
 
     def plan(self, priority: np.ndarray) -> Plan:
         return Plan(

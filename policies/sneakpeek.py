@@ -44,7 +44,8 @@ class SneakPeekPolicy:
         that ratio while the fluid cluster still finishes each deadline cohort in time:
         the LP-optimal mix, which is what lets a known-uncertain request outbid a
         confidently negative one. Returns (model per request, served mask, price), where
-        the price is the marginal utility per pooled second of the last upgrade taken.
+        the price is the utility per pooled second of the best upgrade that did not fit:
+        what more cluster time would have been worth (0 when it was not scarce).
         """
         n = order.size
         ok = servable(problem)[order]
@@ -115,7 +116,9 @@ class SneakPeekPolicy:
         last = taken[np.lexsort((k[taken], r[taken]))]
         is_last = np.append(r[last][1:] != r[last][:-1], True) if last.size else last
         choice[r[last[is_last]]] = m[last[is_last]]
-        price = float(slope[taken[-1]]) if taken.size else 0.0
+        # The price of cluster time: the best upgrade that did not fit (0 when all did).
+        rejected = np.flatnonzero(~keep)
+        price = float(slope[rejected[0]]) if rejected.size else 0.0
         return choice, choice >= 0, price
 
     def __call__(self, problem: PlanProblem) -> Plan:

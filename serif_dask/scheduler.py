@@ -30,6 +30,10 @@ logger = logging.getLogger("serif_dask.scheduler")
 
 #: A data worker may be named ``data@<server>`` or just ``<server>``.
 DATA_PREFIX = "data@"
+#: Reality may run this share of the tightest SLA behind the plan before the plugin plans
+#: from the real queues instead of its logical clock (and decisions stop being a pure
+#: function of config and seed).
+SLACK_SLA_FRACTION = 0.5
 
 
 @dataclass
@@ -46,23 +50,25 @@ class WorkerState:
     # score key -> (planned finish on the logical clock, estimated seconds)
     pending: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def backlog(self, now: float, slack: float) -> float:
-        """Queued seconds ahead of a new batch.
+    def backlog(self, now: float, slack: float, real_now: float | None = None) -> float:
+        """Queued seconds ahead of a new batch planned at logical time ``now``.
 
         Plans advance ``busy_until`` on the run's logical clock, so decisions are a pure
         function of config and seed. Only when a batch is still unfinished more than
-        ``slack`` after its planned finish (reality has fallen behind the plan) does the
-        real queue, the estimates of every unfinished batch, count: an overloaded or
-        slowed-down worker must never look idle, and a merely busy one keeps decisions
-        reproducible.
+        ``slack`` after its planned finish (reality, at logical time ``real_now``, has
+        fallen behind the plan) does the real queue count: the estimates of every
+        unfinished batch, from the real present. An overloaded or slowed-down worker must
+        never look idle, and a merely busy one keeps decisions reproducible.
         """
         logical = max(0.0, self.busy_until - now)
         if not self.pending:
             return logical
-        overdue = now - min(finish for finish, _ in self.pending.values())
+        real_now = now if real_now is None else real_now
+        overdue = real_now - min(finish for finish, _ in self.pending.values())
         if overdue <= slack:
             return logical
-        return max(logical, sum(seconds for _, seconds in self.pending.values()))
+        real = sum(seconds for _, seconds in self.pending.values()) + max(0.0, real_now - now)
+        return max(logical, real)
 
 
 @dataclass
@@ -211,7 +217,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.data_aware, self.seed = bool(data_aware), int(seed)
         self.redis_info = redis
         self.run_started = time.time()
-        self.slack = max(app.sla_latency for app in parsed.apps)
+        self.slack = SLACK_SLA_FRACTION * min(app.sla_latency for app in parsed.apps)
         self.beliefs = {
             app.name: GroupBeliefs(
                 prior=np.asarray(app.prior, dtype=float),
@@ -299,6 +305,12 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             now = self.clock(time.time())
         if now is None:
             raise TypeError("serif_plan needs now= unless it plans an ad-hoc request")
+        real_now = self.clock(time.time())
+        if real_now - now > self.slack:
+            # The tick reached its plan far later than the logical clock assumes (reads
+            # and peeks fell behind): plan from the real present, or every deadline
+            # would be planned against time that has already passed.
+            now = real_now
         t0 = time.perf_counter()
         table = self.table
         app_table = table.app(app)
@@ -419,7 +431,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "node": s.node,
                 "host_node": s.host_node,
                 "warm": list(s.warm),
-                "backlog": s.backlog(self.clock(now), self.slack),
+                "backlog": s.backlog(self.clock(now), self.slack, self.clock(now)),
                 "pending": len(s.pending),
             }
             for s in sorted(self.workers.values(), key=lambda s: s.name)
@@ -441,11 +453,17 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for w, s in enumerate(compute):
             cols = [index[m] for m in s.warm if m in index]
             warm[w, cols] = True
+        real_now = self.clock(time.time())
+        backlog = np.asarray([s.backlog(now, self.slack, real_now) for s in compute])
+        for s, b in zip(compute, backlog, strict=True):
+            # Where reality ran behind the plan, the logical clock catches up with it, so
+            # it does not fall behind again the moment the overdue batches finish.
+            s.busy_until = max(s.busy_until, now + float(b))
         return WorkerView(
             addresses=tuple(s.address for s in compute),
             node_index=np.asarray([table.node_names.index(s.node) for s in compute], dtype=int),
             host_node=tuple(s.host_node for s in compute),
-            backlog=np.asarray([s.backlog(now, self.slack) for s in compute], dtype=float),
+            backlog=backlog,
             warm=warm,
         )
 
