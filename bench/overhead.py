@@ -17,20 +17,10 @@ import time
 
 import numpy as np
 
-from serif_dask.policies import available_policies, get_policy
+from serif_dask.policies import builtin_policies, get_policy
 from serif_dask.policies._testing import make_problem
 
 SIZES = (10, 100, 1000, 10000)
-BUILTINS = (
-    "random",
-    "random-cache",
-    "fastest",
-    "most-accurate",
-    "locally-optimal-edf",
-    "locally-optimal-edf-cache",
-    "grouped-priority",
-    "sneakpeek",
-)
 
 
 def measure(policy, problem, repeats: int) -> float:
@@ -51,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policies", nargs="*", default=None)
     args = parser.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 21)
-    names = args.policies or [n for n in BUILTINS if n in available_policies()]
+    names = args.policies or list(builtin_policies())
 
     result: dict[str, dict[str, float]] = {}
     for name in names:

@@ -45,18 +45,10 @@ from _common import HOSPITAL, ROOT, derive, emit, machine  # noqa: E402
 
 from serif_dask import Serif, load_config, local_cluster  # noqa: E402
 from serif_dask.config import SerifConfig  # noqa: E402
+from serif_dask.policies import builtin_policies  # noqa: E402
 from serif_dask.utility import row_normalise  # noqa: E402
 
-POLICIES = (
-    "random",
-    "random-cache",
-    "fastest",
-    "most-accurate",
-    "locally-optimal-edf",
-    "locally-optimal-edf-cache",
-    "grouped-priority",
-    "sneakpeek",
-)
+POLICIES = builtin_policies()
 LOADS = (0.5, 1.0, 2.0, 4.0)
 QUICK_POLICIES = ("sneakpeek", "most-accurate")
 

@@ -25,6 +25,7 @@ __all__ = [
     "PlanProblem",
     "Policy",
     "available_policies",
+    "builtin_policies",
     "get_policy",
     "register_policy",
 ]
@@ -149,6 +150,11 @@ def get_policy(name: str) -> Policy:
         f"unknown policy {name!r}; known: {', '.join(available_policies())}, "
         "or give 'package.module:callable'"
     )
+
+
+def builtin_policies() -> tuple[str, ...]:
+    """The policies shipped with serif-dask, in registration order (SERIF's first)."""
+    return tuple(_BUILTINS)
 
 
 def _builtin(name: str, target: str) -> None:

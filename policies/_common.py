@@ -128,6 +128,12 @@ class Planner:
             return np.zeros(idx.shape)
         return self.retrieval[idx, m, w]
 
+    def pooled_cost(self) -> np.ndarray:
+        """float (M,): seconds of the whole cluster one request of each model takes, with
+        every worker that runs it working in parallel (inf where none does)."""
+        rate = np.where(self.feasible, 1.0 / self.infer, 0.0).sum(axis=1)
+        return np.divide(1.0, rate, out=np.full(rate.shape, np.inf), where=rate > 0)
+
     # -- the core operation ---------------------------------------------------------------
     def fill(self, idx: np.ndarray, model_of_worker: np.ndarray):
         """List-schedule ``idx`` (in order) on workers running ``model_of_worker`` (-1: none).
@@ -244,8 +250,7 @@ class Planner:
         against the cluster time it uses, and is served only if it earns more than a drop
         by at least what that time is worth: late work must not crowd out on-time work.
         """
-        rate = np.where(self.feasible, 1.0 / self.infer, 0.0).sum(axis=1)
-        cost = np.divide(1.0, rate, out=np.full(rate.shape, np.inf), where=rate > 0)
+        cost = self.pooled_cost()
         pending = idx
         for _ in range(MAX_FALLBACK_ROUNDS):
             if pending.size == 0:
@@ -288,9 +293,6 @@ class Planner:
             if not placed_any:
                 break
         return pending
-
-    def _earns(self, idx, m, w, finish) -> np.ndarray:
-        return self.value(idx, m, finish) > self.miss[idx] + MIN_GAIN
 
     def _earns_at(self, charge: float):
         """Acceptance for a request that must earn ``charge`` more than a drop: what the

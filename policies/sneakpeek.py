@@ -50,8 +50,7 @@ class SneakPeekPolicy:
         n = order.size
         ok = servable(problem)[order]
         gain = np.where(ok, planner.eu[order], -np.inf) - planner.miss[order, None]
-        rate = np.where(planner.feasible, 1.0 / planner.infer, 0.0).sum(axis=1)
-        cost = np.divide(1.0, rate, out=np.full(rate.shape, np.inf), where=rate > 0)
+        cost = planner.pooled_cost()
         useful = np.isfinite(gain) & (gain > MIN_GAIN) & np.isfinite(cost)[None, :]
         # Hull walk, one vectorised step per model at most.
         cur = np.full(n, -1)

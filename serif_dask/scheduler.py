@@ -50,7 +50,7 @@ class WorkerState:
     # score key -> (planned finish on the logical clock, estimated seconds)
     pending: dict[str, tuple[float, float]] = field(default_factory=dict)
 
-    def backlog(self, now: float, slack: float, real_now: float | None = None) -> float:
+    def backlog(self, now: float, slack: float, real_now: float) -> float:
         """Queued seconds ahead of a new batch planned at logical time ``now``.
 
         Plans advance ``busy_until`` on the run's logical clock, so decisions are a pure
@@ -63,7 +63,6 @@ class WorkerState:
         logical = max(0.0, self.busy_until - now)
         if not self.pending:
             return logical
-        real_now = now if real_now is None else real_now
         overdue = real_now - min(finish for finish, _ in self.pending.values())
         if overdue <= slack:
             return logical
@@ -325,7 +324,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.latest_pi[app] = beliefs.pi(np.arange(self.config.data.num_groups))
         pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
 
-        view = self._worker_view(now)
+        view = self._worker_view(now, real_now)
         problem = build_problem(
             table,
             app_table,
@@ -437,7 +436,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             for s in sorted(self.workers.values(), key=lambda s: s.name)
         ]
 
-    def _worker_view(self, now: float) -> WorkerView:
+    def _worker_view(self, now: float, real_now: float) -> WorkerView:
         assert self.table is not None
         table = self.table
         compute = sorted(
@@ -453,7 +452,6 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for w, s in enumerate(compute):
             cols = [index[m] for m in s.warm if m in index]
             warm[w, cols] = True
-        real_now = self.clock(time.time())
         backlog = np.asarray([s.backlog(now, self.slack, real_now) for s in compute])
         for s, b in zip(compute, backlog, strict=True):
             # Where reality ran behind the plan, the logical clock catches up with it, so

@@ -3,7 +3,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from serif_dask.policies import DROP, Plan, available_policies, get_policy
+from serif_dask.policies import DROP, Plan, available_policies, builtin_policies, get_policy
 from serif_dask.policies._common import MIN_GAIN
 from serif_dask.policies._testing import make_problem
 from serif_dask.utility import timeliness
@@ -203,6 +203,7 @@ def test_random_cache_prefers_warm_workers():
 
 def test_registry():
     assert set(BUILTINS) <= set(available_policies())
+    assert builtin_policies() == tuple(BUILTINS)
     p = make_problem(20)
     for name in BUILTINS:
         assert callable(get_policy(name))
