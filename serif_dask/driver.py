@@ -25,7 +25,15 @@ from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.config import Application, SerifConfig
 from serif_dask.records import Chunk, RecordLog, completed_utility, summary
-from serif_dask.tasks import export_task, fit_task, peek_task, read_task, score_task
+from serif_dask.tasks import (
+    export_task,
+    fit_task,
+    peek_task,
+    read_task,
+    score_task,
+    warm_data_task,
+    warm_models_task,
+)
 
 logger = logging.getLogger("serif_dask.driver")
 
@@ -34,6 +42,10 @@ GRACE_S = 30.0
 #: Planning assumes a tick's plan happens this long after its samples are taken (read and
 #: peek); a constant, so that decisions stay a pure function of config and seed.
 PIPELINE_S = 0.1
+#: Preparation (SneakPeek fit, readers opened, models loaded) still running after this
+#: many seconds is named in one line; after the second bound the run starts without it.
+PREPARE_WARN_S = 60.0
+PREPARE_LIMIT_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -117,22 +129,99 @@ class Driver:
             redis=self.options.redis,
         )
         data = await self._data_workers()
+        steps: dict[str, Future] = {}
         for app in self.config.apps:
             mod = peek_modality(self.config, app)
             servers = [s for s in self.config.server_names if self.config.groups_of(s, mod)]
             server = next((s for s in servers if s in data), None)
             if server is None:
                 continue
-            self.estimators[app.name] = self.client.submit(
-                fit_task, self.run_id, app.name, mod, server,
-                key=f"serif-fit-{self.run_id}-{app.name}", workers=[data[server]],
-                allow_other_workers=False, pure=False,
+            self.estimators[app.name] = steps[f"fitting SneakPeek of {app.name} on {server}"] = (
+                self.client.submit(
+                    fit_task, self.run_id, app.name, mod, server,
+                    key=f"serif-fit-{self.run_id}-{app.name}", workers=[data[server]],
+                    allow_other_workers=False, pure=False,
+                )
             )
+        await self._await_steps(steps)
         for name, fut in self.estimators.items():
-            try:  # kept here too: small, and put back on the data workers should it be lost
+            if fut.status == "finished":  # kept here too: small, put back should it be lost
                 self._estimator_values[name] = await fut
-            except Exception:
-                logger.exception("serif: fitting SneakPeek of %s failed", name)
+        await self._warm_up(data)
+
+    async def _warm_up(self, data: dict[str, str]) -> None:
+        """Pay every one-off cost before the clock starts, so the first tick is like any.
+
+        Each data worker opens its readers and peeks once; each compute worker loads the
+        run's real models and runs one forward. Models loaded here are reported warm to the
+        scheduler plugin before the first plan.
+        """
+        steps: dict[str, Future] = {}
+        for app in self.config.apps:
+            peek_mod = peek_modality(self.config, app)
+            mods = sorted({p.modality for p in app.model_profiles} | {peek_mod})
+            estimator = self.estimators.get(app.name)
+            if estimator is not None and estimator.status != "finished":
+                estimator = None
+            for server, address in data.items():
+                first_group = {m: self.config.groups_of(server, m)[0] for m in mods
+                               if self.config.groups_of(server, m)}
+                if not first_group:
+                    continue
+                steps[f"opening readers of {app.name} on data@{server}"] = self.client.submit(
+                    warm_data_task, self.run_id, app.name, server, first_group,
+                    estimator, peek_mod,
+                    key=f"serif-warm-{self.run_id}-{app.name}-{server}", workers=[address],
+                    allow_other_workers=False, pure=False,
+                )
+        compute = {}
+        if any(not p.use_profile for a in self.config.apps for p in a.model_profiles):
+            compute = {w["address"]: w["name"] for w in await self._workers()
+                       if w["role"] == "compute"}
+        models = {}
+        for address, name in compute.items():
+            models[address] = self.client.submit(
+                warm_models_task, self.run_id, key=f"serif-warm-{self.run_id}-{name}",
+                workers=[address], allow_other_workers=False, resources={"GPU": 1},
+                pure=False,
+            )
+            steps[f"loading models on {name}"] = models[address]
+        await self._await_steps(steps)
+        for address, fut in models.items():
+            if fut.status == "finished":
+                await self.client.scheduler.serif_warm(
+                    worker=address, node=None, warm=await fut, cold=[])
+        for fut in steps.values():
+            fut.release()
+
+    async def _await_steps(self, steps: dict[str, Future]) -> None:
+        """Wait for preparation steps; one line for each that fails, and one line naming
+        those still running after ``PREPARE_WARN_S`` (then wait up to ``PREPARE_LIMIT_S``).
+        """
+        if not steps:
+            return
+        waiting = {asyncio.ensure_future(self._settled(f)): what for what, f in steps.items()}
+        started = time.monotonic()
+        warned = False
+        while waiting:
+            left = PREPARE_LIMIT_S - (time.monotonic() - started)
+            if left <= 0 or self.stop_event.is_set():
+                break
+            timeout = left if warned else min(left, PREPARE_WARN_S - (time.monotonic() - started))
+            done, _ = await asyncio.wait(waiting, timeout=max(timeout, 0.0))
+            for task in done:
+                what = waiting.pop(task)
+                error = task.result()
+                if error is not None:
+                    logger.warning("serif: %s failed: %s", what, error)
+            if waiting and not done and not warned:
+                warned = True
+                logger.warning("serif: still preparing after %.0f s: %s", PREPARE_WARN_S,
+                               "; ".join(sorted(waiting.values())))
+        for task, what in waiting.items():
+            task.cancel()
+            logger.warning("serif: %s did not finish in %.0f s; starting without it", what,
+                           PREPARE_LIMIT_S)
 
     async def _workers(self) -> list[dict[str, Any]]:
         return (await self.client.scheduler.serif_state())["workers"]

@@ -250,7 +250,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         }
 
     def warm_update(
-        self, worker: str, node: str, warm: list[str], cold: list[str] | None = None
+        self, worker: str, node: str | None, warm: list[str], cold: list[str] | None = None
     ) -> None:
         """A worker plugin reports its shared-memory node, its warm models, and the models
         that went cold (evicted or failed to load).
@@ -263,7 +263,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         state = self.workers.get(worker)
         if state is None:
             return
-        state.host_node = node
+        if node is not None:
+            state.host_node = node
         for name in warm:
             state.warm.setdefault(name, None)
         for name in cold or ():

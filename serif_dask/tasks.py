@@ -268,6 +268,57 @@ def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) ->
     return sneakpeek.build_estimator(_app(config, app), reader, n)
 
 
+def warm_data_task(
+    run_id: str, app: str, server: str, first_group: dict[str, int],
+    estimator: Any = None, peek_modality: str | None = None,
+) -> list[str]:
+    """Before the first tick: open this server's readers and peek once.
+
+    A reader's first read pays for its imports and data set loading (seconds for a real
+    data set), the estimator's first call for its own; paid here, they are not paid by the
+    first tick's requests. Nothing is kept: the sample read is thrown away. Returns the
+    steps done.
+    """
+    plugin = current_plugin()
+    config = plugin.ensure_run(run_id)
+    app_cfg = _app(config, app)
+    done = []
+    for modality, group in first_group.items():
+        reader = _reader(plugin, config, app, modality, server)
+        shape = config.modality(modality).synthetic_shape
+        samples, _, errors = _call_reader(
+            reader, np.asarray([group], dtype=np.int64), 0, True,
+            tuple(shape) if shape else None, len(app_cfg.prior),
+        )
+        done.append(f"read {modality}")
+        if estimator is not None and modality == peek_modality and not errors:
+            estimator.scores(samples)
+            done.append(f"peek {modality}")
+    return done
+
+
+def warm_models_task(run_id: str) -> list[str]:
+    """Before the first tick: load every real model of the run into this worker's cache
+    (as far as ``model-cache-bytes`` allows) and run one forward on zeros.
+
+    Returns the models warm here afterwards, for the driver to report to the scheduler
+    plugin before the first plan (so that plans do not depend on when a report lands).
+    """
+    from serif_dask import dataplane
+
+    plugin = current_plugin()
+    config = plugin.ensure_run(run_id)
+    for app in config.apps:
+        for profile in app.model_profiles:
+            if profile.use_profile:
+                continue
+            model, _ = dataplane.load_model(plugin, app, profile)
+            shape = config.modality(profile.modality).synthetic_shape
+            dataplane.forward(model, np.zeros((1, *shape), dtype=np.float32))
+    with plugin.lock:
+        return plugin.models.names()
+
+
 def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
     """Class scores for every group read, from the samples kept on this node."""
     plugin = current_plugin()

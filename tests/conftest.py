@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HOSPITAL = ROOT / "configs" / "hospital"
-REFERENCE = ROOT.parent / "shared" / "serif-reference"
+REFERENCE = ROOT / "configs" / "serif-reference"  # SERIF's own examples, unchanged
 BIN = Path(sys.executable).parent
 
 

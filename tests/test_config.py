@@ -25,9 +25,7 @@ from serif_dask.config import (
     load_config_dicts,
 )
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "serif-reference"
-if not REFERENCE.is_dir():  # the tree may be checked out elsewhere
-    REFERENCE = Path("/work/shared/serif-reference")
+REFERENCE = Path(__file__).resolve().parents[1] / "configs" / "serif-reference"
 
 DELETE = object()
 
