@@ -32,8 +32,10 @@ def _tracked_files() -> list[Path]:
 
 
 def test_pattern_catches_outside_paths() -> None:
-    for bad in ("../shared/serif-reference/systemcfg.json", 'Path("/work/shared/x")',
-                "see shared/DESIGN.md", "/root/.cache/x"):
+    # Spelled in parts, so that this file does not hold what it looks for.
+    for bad in ("/".join(["..", "shared", "serif-reference", "systemcfg.json"]),
+                'Path("/' + 'work/shared/x")', "see " + "shared/" + "DESIGN.md",
+                "/" + "root/.cache/x"):
         assert OUTSIDE.search(bad), bad
     for fine in ("configs/serif-reference/systemcfg.json", "serif_dask/worker.py",
                  "a shared-memory segment", "docs/DESIGN.md"):
