@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -64,31 +65,42 @@ def test_reference_configs_are_carried() -> None:
 
 @pytest.mark.timeout(600)
 def test_fresh_clone_collects_and_passes_config_tests(tmp_path: Path) -> None:
-    """Clone HEAD into an empty folder and run its collection and config tests there,
-    importing the clone's own code (installed beside it, not the editable checkout)."""
+    """Clone HEAD into an empty folder and run its collection and config tests there with
+    the clone's own code: an editable install of the clone into a venv of its own, which
+    borrows this venv's dependencies (a ``.pth`` line) but not its install of the project."""
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     clone = tmp_path / "alone" / "serif-dask"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
     assert sorted(os.listdir(clone.parent)) == ["serif-dask"]  # nothing beside it
-    site = tmp_path / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(site), str(clone)],
-        check=True, timeout=300, capture_output=True,
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=120)
+    python = venv / "bin" / "python"
+    own_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    deps_site = sysconfig.get_paths()["purelib"]
+    # A path line in a .pth file adds the folder without running that folder's own .pth
+    # files, so this venv's editable finder for the project stays out.
+    Path(own_site, "_serif_deps.pth").write_text(deps_site + "\n")
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+         "--no-build-isolation", "--no-index", "-e", str(clone)],
+        timeout=300, capture_output=True, text=True,
     )
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    assert install.returncode == 0, install.stderr[-2000:]
     where = subprocess.run(
-        [sys.executable, "-c", "import serif_dask.policies as p; print(p.__file__)"],
-        cwd=clone, env=env, capture_output=True, text=True, check=True,
+        [str(python), "-c", "import serif_dask.policies as p; print(p.__file__)"],
+        cwd=tmp_path, capture_output=True, text=True, check=True,
     )
-    assert Path(where.stdout.strip()).is_relative_to(site)
+    assert Path(where.stdout.strip()).is_relative_to(clone), where.stdout
 
     def pytest_in_clone(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-            cwd=clone, env=env, capture_output=True, text=True, timeout=500,
-            stdin=subprocess.DEVNULL,
+            [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+            cwd=clone, capture_output=True, text=True, timeout=500, stdin=subprocess.DEVNULL,
         )
 
     collected = pytest_in_clone("--collect-only")
