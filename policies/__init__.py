@@ -65,6 +65,19 @@ class PlanProblem:
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     model_names: tuple[str, ...] = ()
     worker_names: tuple[str, ...] = ()
+    #: float (R,): expected utility of answering r from its SneakPeek estimate alone, at
+    #: no GPU cost (-inf where that is not allowed, or None for no request). A request a
+    #: policy drops is answered so when this beats ``miss_utility``; the built-ins count
+    #: it as what a drop is worth.
+    peek_utility: np.ndarray | None = None
+
+    @property
+    def drop_utility(self) -> np.ndarray:
+        """float (R,): what not serving r with a model earns: a drop, or the peek's answer."""
+        miss = np.broadcast_to(np.asarray(self.miss_utility, dtype=float), self.app.shape)
+        if self.peek_utility is None:
+            return miss
+        return np.maximum(miss, np.asarray(self.peek_utility, dtype=float))
 
     @property
     def feasible(self) -> np.ndarray:

@@ -99,7 +99,8 @@ class Planner:
         self.sla = np.asarray(problem.sla, dtype=float)
         self.arrival = np.asarray(problem.arrival, dtype=float)
         self.eu = np.asarray(problem.eu, dtype=float)
-        self.miss = np.broadcast_to(np.asarray(problem.miss_utility, dtype=float), self.sla.shape)
+        # What a request earns unserved: a drop, or an answer from its SneakPeek estimate.
+        self.miss = problem.drop_utility
         self.retrieval = np.asarray(problem.retrieval, dtype=float)
         self.tl = Timeline.start(problem)
         r = problem.n_requests

@@ -23,13 +23,14 @@ Extensions to SERIF's format are optional and documented on the fields below (``
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import numpy as np
 from pydantic import (
@@ -48,6 +49,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+logger = logging.getLogger("serif_dask.config")
 
 __all__ = [
     "SERIF_POLICIES",
@@ -548,14 +551,25 @@ class ModelProfile(_Frozen):
 class SneakPeekSettings(_Frozen):
     """Extension ``sneakpeek`` of an application: how its class estimate π is formed.
 
-    ``memory`` in [0, 1] is how much of a group's belief carries over to the next tick (0:
-    each tick starts again from the prior); ``strength`` > 0 is the pseudo-count weight of
-    the prior; ``impl`` an estimator class ``"package.module:Class"``; ``modality`` which
-    input the estimator peeks at (default: the modality of the application's first model).
+    ``belief``: ``"filter"`` (default), a Bayesian forward filter per group, or
+    ``"dirichlet"``, the older additive belief. ``persistence`` in [0, 1]: the filter's
+    chance that a group keeps its class from one tick to the next (default: estimated from
+    the calibration labels when they form a sequence, else the peeked modality's
+    ``label-persistence``). ``strength`` > 0: the filter's likelihood exponent (1 trusts
+    the calibrated classifier as it is; below 1 discounts each look), or the Dirichlet
+    belief's pseudo-counts per look. ``memory`` in [0, 1]: the Dirichlet belief's share of
+    evidence kept from tick to tick (the filter ignores it). ``answer``: a request the
+    cluster cannot serve in time is answered from the estimate itself, at no GPU cost,
+    when that earns more than ``miss-utility`` (data-aware runs only). ``impl``: an
+    estimator class ``"package.module:Class"``; ``modality``: which input the estimator
+    peeks at (default: the application's smallest input).
     """
 
+    belief: Literal["filter", "dirichlet"] = "filter"
+    persistence: Annotated[Number, Field(ge=0, le=1)] | None = None
     memory: Annotated[Number, Field(ge=0, le=1)] = 0.5
     strength: Positive = 1.0
+    answer: Bool = True
     impl: ImplPath | None = None
     modality: Name | None = None
 
@@ -848,6 +862,13 @@ class SerifConfig(_Frozen):
                 return model
         raise KeyError(f"application {app_name!r} has no model {model_name!r}")
 
+    def peek_modality(self, app: Application) -> str:
+        """The modality SneakPeek looks at: configured, else the app's smallest input."""
+        if app.sneakpeek.modality:
+            return app.sneakpeek.modality
+        return min(sorted(app.modalities),
+                   key=lambda m: math.prod(self.modality(m).synthetic_shape))
+
     def modality(self, name: str) -> Modality:
         for modality in self.data.data_modalities:
             if modality.name == name:
@@ -1111,6 +1132,12 @@ def load_config_dicts(
     config = _anchor_paths(config, sources)
     if check_files:
         _check_files(config, raws, names, sources)
+    for i, app in enumerate(config.apps):
+        if app.sneakpeek.belief == "filter" and "memory" in app.sneakpeek.model_fields_set:
+            logger.warning(
+                "%s: applications[%d].sneakpeek.memory: ignored: it applies to belief "
+                "\"dirichlet\" only; the forward filter carries beliefs by persistence",
+                names["application"], i)
     return config
 
 

@@ -333,9 +333,10 @@ class SerifPage:
         a_col: list[str] = []
         p_col: list[float] = []
         for app in apps:
-            pi = plugin.latest_pi.get(app)
-            if pi is None:
+            beliefs = plugin.latest_pi.get(app)
+            if beliefs is None:
                 continue
+            pi = beliefs.pi()
             share = positive_share(pi, prior.get(app))
             g_col.extend(range(share.size))
             a_col.extend([app] * share.size)

@@ -24,7 +24,7 @@ from distributed import Client, Future
 from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.config import Application, SerifConfig
-from serif_dask.records import Chunk, RecordLog, completed_utility, summary
+from serif_dask.records import PEEK_MODEL, Chunk, RecordLog, completed_utility, summary
 from serif_dask.tasks import (
     export_task,
     fit_task,
@@ -45,6 +45,9 @@ PIPELINE_S = 0.1
 #: Preparation (SneakPeek fit, readers opened, models loaded) still running after this
 #: many seconds is named in one line; after the second bound the run starts without it.
 PREPARE_WARN_S = 60.0
+#: Applications whose ticks fall due within this many seconds of each other are planned
+#: together, in one problem.
+JOINT_WINDOW_S = 0.01
 PREPARE_LIMIT_S = 600.0
 
 
@@ -82,17 +85,72 @@ class _TickContext:
     host_node: dict[str, str]
     input_node: dict[str, np.ndarray]
     futures: list[Future]
+    labels: np.ndarray  # per group, from the peeks (-1: unknown)
     attempt: int = 0
+
+
+class _PlanRound:
+    """The ticks due together: their requests are planned in one ``serif_plan`` call.
+
+    Each member tick brings its part (:meth:`plan`) or leaves without one (:meth:`withdraw`:
+    nothing left to plan, or it failed); once every member has done either, one call plans
+    all parts, in the round's turn of the driver's planning order, and each member gets its
+    own reply. Rounds plan one after another, in the order they fell due, so the plugin's
+    bookings depend only on config and seed.
+    """
+
+    def __init__(self, driver: Driver, seq: int, members: int) -> None:
+        self.driver = driver
+        self.seq = seq
+        self.members = members
+        self.parts: dict[int, dict[str, Any]] = {}
+        self.now: dict[int, float] = {}
+        self.left: set[int] = set()
+        self.replies: dict[int, dict[str, Any]] = {}
+        self.error: BaseException | None = None
+        self.done = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    async def plan(self, member: int, part: dict[str, Any], now: float) -> dict[str, Any]:
+        self.parts[member], self.now[member] = part, now
+        self._maybe_start()
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.replies[member]
+
+    def withdraw(self, member: int) -> None:
+        if member in self.parts or member in self.left:
+            return
+        self.left.add(member)
+        self._maybe_start()
+
+    def _maybe_start(self) -> None:
+        if self._task is None and len(self.parts) + len(self.left) >= self.members:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        driver = self.driver
+        try:
+            await driver._wait_turn(self.seq)
+            members = sorted(self.parts)
+            if members:
+                reply = await driver.client.scheduler.serif_plan(
+                    parts=[self.parts[m] for m in members], now=max(self.now.values()),
+                    started=driver.started, run_id=driver.run_id,
+                )
+                driver.stats.decision_ms.append(reply["decision_ms"])
+                self.replies = dict(zip(members, reply["parts"], strict=True))
+        except BaseException as exc:  # every member sees it; the round itself ends here
+            self.error = exc
+        finally:
+            await driver._pass_turn(self.seq)
+            self.done.set()
 
 
 def peek_modality(config: SerifConfig, app: Application) -> str:
     """The modality SneakPeek looks at: configured, else the app's smallest input."""
-    if app.sneakpeek.modality:
-        return app.sneakpeek.modality
-    mods = {p.modality for p in app.model_profiles}
-    return min(
-        sorted(mods), key=lambda m: int(np.prod(config.modality(m).synthetic_shape))
-    )
+    return config.peek_modality(app)
 
 
 class Driver:
@@ -145,8 +203,14 @@ class Driver:
             )
         await self._await_steps(steps)
         for name, fut in self.estimators.items():
-            if fut.status == "finished":  # kept here too: small, put back should it be lost
-                self._estimator_values[name] = await fut
+            if fut.status != "finished":
+                continue
+            # Kept here too: small, and put back on the data workers should it be lost.
+            value = self._estimator_values[name] = await fut
+            await self.client.scheduler.serif_calibrate(
+                app=name, score_prior=list(getattr(value, "score_prior", ()) or ()) or None,
+                persistence=getattr(value, "persistence", None), run_id=self.run_id,
+            )
         await self._warm_up(data)
 
     async def _warm_up(self, data: dict[str, str]) -> None:
@@ -283,19 +347,18 @@ class Driver:
                 except TimeoutError:
                     pass
             now = time.time()
-            # Ticks due together are planned earliest deadline first: the plugin books work
-            # in plan order, so a tight application planned after a loose one would queue
-            # behind it.
-            for i in sorted(range(len(apps)), key=lambda i: (due[i] + apps[i].sla_latency, i)):
+            # Ticks due together (within JOINT_WINDOW_S) are planned together, in one
+            # problem: one plan round, one turn in the planning order.
+            members = [i for i in range(len(apps)) if due[i] <= now + JOINT_WINDOW_S]
+            plan_round = _PlanRound(self, self._next_seq, len(members))
+            self._next_seq += 1
+            for member, i in enumerate(members):
                 app = apps[i]
-                if due[i] > now:
-                    continue
                 if now - due[i] > min(0.5, app.sample_duration / 2):
                     self.stats.ticks_late += 1
                 task = asyncio.create_task(
-                    self._tick(app, index[i], now, due[i] - start, self._next_seq)
+                    self._tick(app, index[i], now, due[i] - start, plan_round, member)
                 )
-                self._next_seq += 1
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
                 index[i] += 1
@@ -335,7 +398,8 @@ class Driver:
                 self._turn_changed.notify_all()
 
     async def _tick(
-        self, app: Application, tick: int, arrival: float, logical: float, seq: int
+        self, app: Application, tick: int, arrival: float, logical: float,
+        plan_round: _PlanRound, member: int,
     ) -> None:
         groups = np.arange(self.config.data.num_groups, dtype=np.int64)
         pending = np.ones(groups.size, dtype=bool)  # not yet recorded
@@ -357,7 +421,8 @@ class Driver:
         futures: list[Future] = []
         try:
             await self._tick_body(
-                app, tick, arrival, logical, seq, groups, pending, record, fail, futures
+                app, tick, arrival, logical, plan_round, member, groups, pending, record, fail,
+                futures,
             )
         except asyncio.CancelledError:  # stopped, or futures cancelled with the scheduler
             fail(groups, "scheduler-lost" if self._lost_scheduler() else "stopped")
@@ -370,7 +435,7 @@ class Driver:
                 logger.exception("serif: tick %d of %s failed", tick, app.name)
                 fail(groups, f"tick-error: {type(exc).__name__}: {exc}")
         finally:
-            await self._pass_turn(seq)
+            plan_round.withdraw(member)  # no-op once this tick's requests were planned
             fail(groups, "unaccounted")  # nothing recorded yet is failed, never lost
             for fut in futures:
                 fut.release()
@@ -402,9 +467,9 @@ class Driver:
             logger.debug("serif: could not report tick metrics", exc_info=True)
 
     async def _tick_body(
-        self, app: Application, tick: int, arrival: float, logical: float, seq: int,
-        groups: np.ndarray, pending: np.ndarray, record: Callable[[Chunk], None],
-        fail: Callable[..., None], futures: list[Future],
+        self, app: Application, tick: int, arrival: float, logical: float,
+        plan_round: _PlanRound, member: int, groups: np.ndarray, pending: np.ndarray,
+        record: Callable[[Chunk], None], fail: Callable[..., None], futures: list[Future],
     ) -> None:
         config, client = self.config, self.client
         workers = await self._workers()
@@ -456,31 +521,37 @@ class Driver:
                 with contextlib.suppress(Exception):
                     await client.cancel([peeks.pop(server)], asynchronous=True)
             results = await self._gather_peeks(app, tick, list(peeks.values()), deadline)
+        labels = np.full(groups.size, -1, dtype=np.int64)
         for result in results:
             scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
+            labels[result["groups"]] = result["labels"]
 
         live = groups[pending]
-        await self._wait_turn(seq)
         if live.size == 0:
             return
-        plan = await client.scheduler.serif_plan(
-            app=app.name, tick=tick, groups=live.tolist(),
-            arrival=[logical] * live.size, scores=dumps(scores[live]),
-            input_node={m: input_node[m][live].tolist() for m in mods},
-            now=logical + PIPELINE_S, started=self.started,
-        )
-        await self._pass_turn(seq)
-        self.stats.decision_ms.append(plan["decision_ms"])
+        plan = await plan_round.plan(member, {
+            "app": app.name, "tick": tick, "groups": live.tolist(),
+            "arrival": [logical] * live.size, "scores": dumps(scores[live]),
+            "input_node": {m: input_node[m][live].tolist() for m in mods},
+        }, logical + PIPELINE_S)
+        planned = time.time()
         pi = np.asarray(loads(plan["pi"]), dtype=float)
-        pi_by_group = np.full((groups.size, pi.shape[1]), np.nan)
-        pi_by_group[live] = pi
+        single = None if plan["pi_single"] is None else np.asarray(loads(plan["pi_single"]))
+        self.log.add_beliefs(app.name, labels[live], pi, np.asarray(app.prior, dtype=float),
+                             single)
         dropped = np.asarray(plan["dropped"], dtype=np.int64)
         if dropped.size:
             record(self._chunk(app, tick, dropped, arrival, "dropped", plan["drop_reason"]))
+        answered = np.asarray(plan["answered"]["groups"], dtype=np.int64)
+        if answered.size:
+            record(self._answered(app, tick, arrival, planned, answered, labels[answered],
+                                  np.asarray(plan["answered"]["prediction"], dtype=np.int64)))
+        pi_by_group = np.full((groups.size, pi.shape[1]), np.nan)
+        pi_by_group[live] = pi
 
         host_node = {w["address"]: w["host_node"] for w in workers}
         ctx = _TickContext(app, tick, arrival, logical, reads, data, host_node,
-                           input_node, futures)
+                           input_node, futures, labels)
         batches = self._submit_batches(ctx, plan["batches"])
         await self._collect(ctx, batches, pi_by_group, record, fail)
 
@@ -644,8 +715,9 @@ class Driver:
 
     async def _replan(
         self, ctx: _TickContext, groups: np.ndarray
-    ) -> tuple[dict[Future, dict[str, Any]], np.ndarray]:
-        """Plan a lost worker's requests again on the survivors; returns (batches, dropped)."""
+    ) -> tuple[dict[Future, dict[str, Any]], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Plan a lost worker's requests again on the survivors; returns (batches, dropped,
+        (answered from the peek, their predictions))."""
         ctx.attempt += 1
         now = time.time() - self.started
         plan = await self.client.scheduler.serif_plan(
@@ -655,8 +727,11 @@ class Driver:
             now=max(now, ctx.logical + PIPELINE_S), started=self.started, attempt=ctx.attempt,
         )
         self.stats.decision_ms.append(plan["decision_ms"])
+        answered = plan["answered"]
         return (self._submit_batches(ctx, plan["batches"]),
-                np.asarray(plan["dropped"], dtype=np.int64))
+                np.asarray(plan["dropped"], dtype=np.int64),
+                (np.asarray(answered["groups"], dtype=np.int64),
+                 np.asarray(answered["prediction"], dtype=np.int64)))
 
     async def _collect(
         self, ctx: _TickContext, batches: dict[Future, dict[str, Any]], pi: np.ndarray,
@@ -708,13 +783,16 @@ class Driver:
                         fail(lost, reason, batch["model"], batch["worker"])
                         continue
                     try:
-                        again, dropped = await self._replan(ctx, lost)
+                        again, dropped, (answered, prediction) = await self._replan(ctx, lost)
                     except Exception as exc:
                         fail(lost, f"{reason}: re-plan failed: {exc}"[:200],
                              batch["model"], batch["worker"])
                         continue
                     if dropped.size:
                         fail(dropped, reason, batch["model"], batch["worker"])
+                    if answered.size:
+                        record(self._answered(app, tick, arrival, time.time(), answered,
+                                              ctx.labels[answered], prediction))
                     batches.update(again)
                     waiting.update({asyncio.ensure_future(self._result(f)): f for f in again})
 
@@ -761,19 +839,31 @@ class Driver:
             latency, app.sla_latency, np.asarray(app.utility_matrix, dtype=float),
             np.asarray(app.prior, dtype=float), labels, pred,
         )
-        pi_rows = pi[groups]
-        known = (labels >= 0) & np.all(np.isfinite(pi_rows), axis=1)
-        onehot = np.eye(pi.shape[1])[np.maximum(labels, 0)]
-        brier = np.where(known, ((pi_rows - onehot) ** 2).sum(axis=1), np.nan)
         chunk = Chunk(
             app=app.name, tick=tick, model=result["model"], worker=result["worker"],
             outcome="completed", group=groups, arrival=np.full(groups.size, arrival),
             finish=finish, prediction=pred, label=labels, utility=u,
             deadline_met=latency <= app.sla_latency, reason=[""] * groups.size,
-            pi_correct=(np.argmax(np.nan_to_num(pi_rows), axis=1) == labels)[known],
-            brier=brier[known],
         )
         record(chunk)
+
+    def _answered(
+        self, app: Application, tick: int, arrival: float, finish: float, groups: np.ndarray,
+        labels: np.ndarray, prediction: np.ndarray,
+    ) -> Chunk:
+        """Requests answered from their SneakPeek estimate when the plan was made."""
+        n = groups.size
+        latency = np.full(n, finish - arrival)
+        u = completed_utility(
+            latency, app.sla_latency, np.asarray(app.utility_matrix, dtype=float),
+            np.asarray(app.prior, dtype=float), labels, prediction,
+        )
+        return Chunk(
+            app=app.name, tick=tick, model=PEEK_MODEL, worker="", outcome="completed",
+            group=groups, arrival=np.full(n, arrival), finish=np.full(n, finish),
+            prediction=prediction, label=labels, utility=u,
+            deadline_met=latency <= app.sla_latency, reason=[""] * n,
+        )
 
     def _chunk(
         self, app: Application, tick: int, groups: np.ndarray, arrival: float, outcome: str,

@@ -7,6 +7,7 @@ Python loops, so planning cost grows with requests only through vectorised opera
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,12 +138,14 @@ def build_problem(
     workers: WorkerView,
     now: float,
     rng: np.random.Generator,
+    answer: bool = False,
 ) -> PlanProblem:
     """Assemble one application's pending requests into a PlanProblem.
 
     ``input_node[modality]`` names, per request, the shared-memory node holding its input
     (empty string when unknown); a worker on that node reads it for free, any other pays
-    the modality's retrieval latency for its compute node.
+    the modality's retrieval latency for its compute node. With ``answer``, a request may
+    be answered from ``pi`` itself (:func:`peek_answer`).
     """
     n = groups.shape[0]
     m_all = table.n_models
@@ -184,4 +187,36 @@ def build_problem(
         rng=rng,
         model_names=table.names,
         worker_names=workers.addresses,
+        peek_utility=peek_answer(pi, app.utility)[0] if answer else np.full(n, -np.inf),
     )
+
+
+def peek_answer(pi: np.ndarray, utility: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The best answer from a class estimate alone: (expected utility, prediction) per row.
+
+    The prediction is ``argmax_k Σ_c π_c U[c][k]``, the Bayes decision under π; it costs no
+    GPU time, so a request the cluster cannot serve in time is still worth that much.
+    """
+    value = np.asarray(pi, dtype=float) @ np.asarray(utility, dtype=float)  # (n, K)
+    pred = value.argmax(axis=1) if value.size else np.zeros(len(value), dtype=np.int64)
+    return value[np.arange(len(value)), pred], pred.astype(np.int64)
+
+
+#: The request-indexed fields of a PlanProblem (first axis R), joined by :func:`join`.
+_PER_REQUEST = ("app", "group", "arrival", "sla", "eu", "eu_prior", "miss_utility",
+                "retrieval", "peek_utility")
+
+
+def join(problems: list[PlanProblem], rng: np.random.Generator) -> PlanProblem:
+    """One problem holding every request of ``problems`` (same models, workers and now).
+
+    Planning applications due together in one problem lets a policy price every request's
+    model time against the same cluster seconds, instead of the first application planned
+    taking what the second needed more.
+    """
+    if len(problems) == 1:
+        return dataclasses.replace(problems[0], rng=rng)
+    first = problems[0]
+    joined = {name: np.concatenate([getattr(p, name) for p in problems])
+              for name in _PER_REQUEST}
+    return dataclasses.replace(first, rng=rng, **joined)

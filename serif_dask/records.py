@@ -19,6 +19,8 @@ import numpy as np
 from serif_dask.utility import timeliness
 
 OUTCOMES = ("completed", "dropped", "failed")
+#: The model name of requests answered from their SneakPeek estimate, at no GPU cost.
+PEEK_MODEL = "sneakpeek"
 
 COLUMNS = (
     "app", "group", "tick", "model", "worker", "arrival", "finish", "latency",
@@ -43,8 +45,6 @@ class Chunk:
     utility: np.ndarray
     deadline_met: np.ndarray
     reason: list[str]
-    pi_correct: np.ndarray | None = None  # argmax pi == label, for known labels
-    brier: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.group.shape[0])
@@ -153,10 +153,13 @@ class Tally:
     labelled: int = 0  # completed with a known label
     correct: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    pi_seen: int = 0
+    answered: int = 0  # completed by an answer from the peek (model "sneakpeek")
+    pi_seen: int = 0  # planned requests with a known label (from their peek)
     pi_correct: int = 0
-    brier_seen: int = 0
-    brier_sum: float = 0.0
+    brier_sum: float = 0.0  # of the belief π the plan used
+    brier_prior_sum: float = 0.0  # of the prior, on the same requests
+    brier_single_sum: float = 0.0  # of one look alone (the prior updated once)
+    single_seen: int = 0  # of those, requests whose peek succeeded
     latency: LatencySketch = field(default_factory=LatencySketch)
 
     def add(self, chunk: Chunk) -> None:
@@ -170,17 +173,29 @@ class Tally:
             self.labelled += int(known.sum())
             self.correct += int((chunk.label[known] == chunk.prediction[known]).sum())
             self.latency.add(chunk.latency)
+            if chunk.model == PEEK_MODEL:
+                self.answered += n
         else:
             for reason in chunk.reason:
                 key = (reason or chunk.outcome).split(":", 1)[0]
                 self.reasons[key] = self.reasons.get(key, 0) + 1
-        if chunk.pi_correct is not None:
-            self.pi_seen += int(chunk.pi_correct.size)
-            self.pi_correct += int(np.asarray(chunk.pi_correct).sum())
-        if chunk.brier is not None:
-            finite = np.asarray(chunk.brier)[np.isfinite(chunk.brier)]
-            self.brier_seen += int(finite.size)
-            self.brier_sum += float(finite.sum())
+
+    def add_beliefs(self, labels: np.ndarray, pi: np.ndarray, prior: np.ndarray,
+                    single: np.ndarray | None) -> None:
+        """How good a tick's class estimates were, for the requests whose label is known:
+        the belief, the prior and a single look, scored on the same requests (Brier)."""
+        known = labels >= 0
+        if not known.any():
+            return
+        y, pi = labels[known], pi[known]
+        onehot = np.eye(pi.shape[1])[y]
+        self.pi_seen += int(y.size)
+        self.pi_correct += int((pi.argmax(axis=1) == y).sum())
+        self.brier_sum += float(((pi - onehot) ** 2).sum())
+        self.brier_prior_sum += float(((prior[None, :] - onehot) ** 2).sum())
+        if single is not None:
+            self.single_seen += int(y.size)
+            self.brier_single_sum += float(((single[known] - onehot) ** 2).sum())
 
     def result(self) -> dict[str, Any]:
         """The summary keys of DESIGN.md for these records (no run-level keys)."""
@@ -196,7 +211,11 @@ class Tally:
             "failures_by_reason": dict(sorted(self.reasons.items())),
             "sneakpeek": {
                 "accuracy": self.pi_correct / self.pi_seen if self.pi_seen else None,
-                "brier": self.brier_sum / self.brier_seen if self.brier_seen else None,
+                "brier": self.brier_sum / self.pi_seen if self.pi_seen else None,
+                "brier_prior": self.brier_prior_sum / self.pi_seen if self.pi_seen else None,
+                "brier_single": (self.brier_single_sum / self.single_seen
+                                 if self.single_seen else None),
+                "answered": self.answered,
             },
         }
 
@@ -217,6 +236,11 @@ class RecordLog:
         if self.path is not None and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def add_beliefs(self, app: str, labels: np.ndarray, pi: np.ndarray, prior: np.ndarray,
+                    single: np.ndarray | None) -> None:
+        for tally in (self.totals, self.per_app.setdefault(app, Tally())):
+            tally.add_beliefs(labels, pi, prior, single)
 
     def add(self, chunk: Chunk) -> None:
         if len(chunk) == 0:

@@ -22,9 +22,10 @@ from distributed.protocol.pickle import dumps, loads
 from distributed.scheduler import Scheduler
 
 from serif_dask.config import SerifConfig
-from serif_dask.planning import ModelTable, WorkerView, build_problem
+from serif_dask.planning import ModelTable, WorkerView, build_problem, join, peek_answer
 from serif_dask.policies import DROP, Plan, get_policy
-from serif_dask.sneakpeek import GroupBeliefs
+from serif_dask.policies._common import MIN_GAIN
+from serif_dask.sneakpeek import ForwardBeliefs, GroupBeliefs, make_beliefs, single_look
 
 logger = logging.getLogger("serif_dask.scheduler")
 
@@ -109,6 +110,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "serif_configure": self.configure,
                 "serif_get_config": self.get_config,
                 "serif_plan": self.plan,
+                "serif_calibrate": self.calibrate,
                 "serif_report": self.report,
                 "serif_state": self.state,
                 "serif_warm": self.warm_update,
@@ -125,13 +127,14 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.policy: Any = None
         self.data_aware = False
         self.seed = 0
-        self.beliefs: dict[str, GroupBeliefs] = {}
+        self.beliefs: dict[str, ForwardBeliefs | GroupBeliefs] = {}
+        self.score_prior: dict[str, np.ndarray] = {}  # per app, from its estimator
         self.workers: dict[str, WorkerState] = {}
         self.pending: dict[str, str] = {}  # score key -> worker address
         self.lost_workers: dict[str, float] = {}
         self.metrics: dict[str, AppMetrics] = {}
         self.decision_ms: deque[float] = deque(maxlen=4096)
-        self.latest_pi: dict[str, np.ndarray] = {}
+        self.latest_pi: dict[str, ForwardBeliefs | GroupBeliefs] = {}  # planned so far
         self.hook_errors = 0
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="serif-plan")
         for address in list(self.scheduler.workers):
@@ -217,13 +220,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.redis_info = redis
         self.run_started = time.time()
         self.slack = SLACK_SLA_FRACTION * min(app.sla_latency for app in parsed.apps)
+        self.score_prior = {}
         self.beliefs = {
-            app.name: GroupBeliefs(
-                prior=np.asarray(app.prior, dtype=float),
-                n_groups=parsed.data.num_groups,
-                memory=app.sneakpeek.memory,
-                strength=app.sneakpeek.strength,
-            )
+            app.name: make_beliefs(app, parsed.data.num_groups, self._persistence(app))
             for app in parsed.apps
         }
         self.metrics = {app.name: AppMetrics() for app in parsed.apps}
@@ -272,36 +271,47 @@ class SerifSchedulerPlugin(SchedulerPlugin):
 
     async def plan(
         self,
-        app: str,
-        tick: int,
-        groups: list[int],
-        arrival: list[float],
-        scores: bytes | None,
-        input_node: dict[str, list[str]],
+        app: str | None = None,
+        tick: int | None = None,
+        groups: list[int] | None = None,
+        arrival: list[float] | None = None,
+        scores: bytes | None = None,
+        input_node: dict[str, list[str]] | None = None,
         now: float | None = None,
         started: float | None = None,
         attempt: int = 0,
         request: str | None = None,
         run_id: str | None = None,
+        parts: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
-        """Pick a model and worker per request of one application's tick.
+        """Pick a model and worker (or a drop, or an answer from the peek) per request.
+
+        One application's tick is given by ``app``, ``tick``, ``groups``, ``arrival``,
+        ``scores`` and ``input_node``; several ticks due together by ``parts``, a list of
+        dicts with those keys, planned as one problem so that every request's model time
+        is priced against the same cluster seconds. The reply then has ``parts``, one
+        single-tick reply each, in order.
 
         ``arrival`` and ``now`` are on the run's logical clock (seconds since its start,
         from the tick schedule), which keeps decisions reproducible for a given seed.
-        ``request`` names an ad-hoc request (:meth:`serif_dask.Serif.submit`) planned out
-        of tick order: its ``arrival`` is wall-clock time, ``now`` is the scheduler's, and
-        its batch key carries the name. With ``run_id``, a plan for another run than the
-        configured one is refused rather than made against the wrong state.
+        ``scores`` (a tick's peeks, NaN rows for failed ones) advance the groups' beliefs
+        by one tick; a re-plan passes None. ``request`` names an ad-hoc request
+        (:meth:`serif_dask.Serif.submit`) planned out of tick order: its ``arrival`` is
+        wall-clock time, ``now`` is the scheduler's, and its batch key carries the name.
+        With ``run_id``, a plan for another run than the configured one is refused rather
+        than made against the wrong state.
         """
         if self.table is None or self.config is None:
             raise RuntimeError("serif: no run is configured on this scheduler")
         if run_id is not None and run_id != self.run_id:
             raise RuntimeError(f"run-changed: the scheduler now serves run {self.run_id}")
+        single = parts is None
+        if parts is None:
+            parts = [{"app": app, "tick": tick, "groups": groups, "arrival": arrival,
+                      "scores": scores, "input_node": input_node}]
         if started is not None:
             self.run_started = started
-        arrival_arr = np.asarray(arrival, dtype=float)
         if request is not None:
-            arrival_arr = arrival_arr - self.run_started
             now = self.clock(time.time())
         if now is None:
             raise TypeError("serif_plan needs now= unless it plans an ad-hoc request")
@@ -313,51 +323,93 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             now = real_now
         t0 = time.perf_counter()
         table = self.table
-        app_table = table.app(app)
-        groups_arr = np.asarray(groups, dtype=np.int64)
-        beliefs = self.beliefs[app]
-        if scores is not None and groups_arr.size:
-            score_arr = np.asarray(loads(scores), dtype=float)
-            seen = np.all(np.isfinite(score_arr), axis=1)  # failed reads carry NaN rows
-            if seen.any():
-                beliefs.observe(groups_arr[seen], score_arr[seen])
-        pi_est = beliefs.pi(groups_arr)
-        self.latest_pi[app] = beliefs.pi(np.arange(self.config.data.num_groups))
-        pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
-
         view = self._worker_view(now, real_now)
-        problem = build_problem(
-            table,
-            app_table,
-            groups_arr,
-            arrival_arr,
-            pi,
-            {mod: np.asarray(nodes) for mod, nodes in input_node.items()},
-            view,
-            now,
-            np.random.default_rng([self.seed, app_table.index, tick]),
-        )
+        problems, beliefs_out, seeds = [], [], [self.seed]
+        for part in parts:
+            app_table = table.app(part["app"])
+            app_cfg = self.config.app(part["app"])
+            groups_arr = np.asarray(part["groups"], dtype=np.int64)
+            arrival_arr = np.asarray(part["arrival"], dtype=float)
+            if request is not None:
+                arrival_arr = arrival_arr - self.run_started
+            beliefs = self.beliefs[app_table.name]
+            single_pi = None
+            if part["scores"] is not None and groups_arr.size:
+                score_arr = np.asarray(loads(part["scores"]), dtype=float)
+                beliefs.observe(groups_arr, score_arr)
+                single_pi = single_look(app_table.prior, score_arr,
+                                        self.score_prior.get(app_table.name),
+                                        app_cfg.sneakpeek.strength)
+            pi_est = beliefs.pi(groups_arr)
+            self.latest_pi[app_table.name] = beliefs  # the dashboard reads it on demand
+            pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
+            problems.append(build_problem(
+                table, app_table, groups_arr, arrival_arr, pi,
+                {mod: np.asarray(nodes) for mod, nodes in part["input_node"].items()},
+                view, now, np.random.default_rng(0),
+                answer=self.data_aware and app_cfg.sneakpeek.answer,
+            ))
+            beliefs_out.append((pi_est, single_pi))
+            seeds += [app_table.index, int(part["tick"])]
+        problem = join(problems, np.random.default_rng(seeds))
         if len(view.addresses) == 0:
-            plan = Plan(
-                model=np.full(len(groups), DROP),
-                worker=np.full(len(groups), DROP),
-                priority=np.zeros(len(groups)),
-            )
+            r = problem.n_requests
+            plan = Plan(model=np.full(r, DROP), worker=np.full(r, DROP), priority=np.zeros(r))
         else:
             loop = asyncio.get_running_loop()
             plan = await loop.run_in_executor(self._executor, self.policy, problem)
-        label = f"{tick}.{attempt}" if request is None else f"submit.{request}"
-        batches = self._commit(app_table.name, label, problem, plan, view)
+        model = np.asarray(plan.model)
+        replies, offset = [], 0
+        for part, sub, (pi_est, single_pi) in zip(parts, problems, beliefs_out, strict=True):
+            rows = np.arange(offset, offset + sub.n_requests)
+            offset += sub.n_requests
+            label = f"{part['tick']}.{attempt}" if request is None else f"submit.{request}"
+            batches = self._commit(part["app"], label, problem, plan, view, rows)
+            unserved = rows[model[rows] == DROP]
+            app_table = table.app(part["app"])
+            answer = problem.peek_utility[unserved] > problem.miss_utility[unserved] + MIN_GAIN
+            _, prediction = peek_answer(pi_est[unserved - rows[0]], app_table.utility)
+            replies.append({
+                "batches": batches,
+                "dropped": problem.group[unserved[~answer]].tolist(),
+                "answered": {"groups": problem.group[unserved[answer]].tolist(),
+                             "prediction": prediction[answer].tolist()},
+                "drop_reason": "no-worker" if len(view.addresses) == 0 else "policy-drop",
+                "pi": dumps(pi_est),
+                "pi_single": None if single_pi is None else dumps(single_pi),
+            })
         decision_ms = (time.perf_counter() - t0) * 1000.0
         self.decision_ms.append(decision_ms)
-        dropped = groups_arr[np.asarray(plan.model) == DROP]
-        return {
-            "batches": batches,
-            "dropped": dropped.tolist(),
-            "drop_reason": "no-worker" if len(view.addresses) == 0 else "policy-drop",
-            "decision_ms": decision_ms,
-            "pi": dumps(pi_est),
-        }
+        for reply in replies:
+            reply["decision_ms"] = decision_ms
+        return replies[0] if single else {"parts": replies, "decision_ms": decision_ms}
+
+    def calibrate(self, app: str, score_prior: list[float] | None = None,
+                  persistence: float | None = None, run_id: str | None = None) -> None:
+        """What the fitted SneakPeek estimator tells the belief: the prior its scores are
+        posteriors under, and the persistence its calibration labels show (if any).
+
+        Called once per application before the first tick; beliefs start again.
+        """
+        if self.config is None or (run_id is not None and run_id != self.run_id):
+            return
+        app_cfg = self.config.app(app)
+        if score_prior is not None:
+            self.score_prior[app] = np.asarray(score_prior, dtype=float)
+        self.beliefs[app] = make_beliefs(
+            app_cfg, self.config.data.num_groups,
+            self._persistence(app_cfg, persistence), self.score_prior.get(app),
+        )
+
+    def _persistence(self, app: Any, estimated: float | None = None) -> float:
+        """ρ: configured, else estimated from calibration labels, else the peeked
+        modality's ``label-persistence``."""
+        assert self.config is not None
+        if app.sneakpeek.persistence is not None:
+            return float(app.sneakpeek.persistence)
+        if estimated is not None:
+            return float(estimated)
+        return float(self.config.modality(self.config.peek_modality(app)).label_persistence)
 
     def report(self, app: str, outcomes: dict[str, int], reasons: dict[str, int],
                utility: float, deadline_met: int, latencies: list[float]) -> None:
@@ -467,13 +519,15 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         )
 
     def _commit(
-        self, app: str, tick: str, problem: Any, plan: Plan, view: WorkerView
+        self, app: str, tick: str, problem: Any, plan: Plan, view: WorkerView,
+        rows: np.ndarray,
     ) -> list[dict[str, Any]]:
-        """Group a plan into one batch per (worker, model) and book the work it adds."""
+        """Group the plan's ``rows`` (one tick's requests) into one batch per (worker,
+        model) and book the work it adds."""
         model = np.asarray(plan.model)
         worker = np.asarray(plan.worker)
         priority = np.asarray(plan.priority, dtype=float)
-        served = np.flatnonzero(model != DROP)
+        served = rows[model[rows] != DROP]
         batches: list[dict[str, Any]] = []
         if served.size == 0:
             return batches

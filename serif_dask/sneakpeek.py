@@ -7,9 +7,11 @@ Two halves, living in different processes:
   :class:`NearestMeanEstimator` is numpy only and costs about a millisecond per thousand
   small samples; users plug their own through ``sneakpeek: {impl: "pkg.mod:Class"}``.
   :class:`PriorEstimator` always answers the prior (no calibration data);
-* :class:`GroupBeliefs` (lives in the scheduler plugin) keeps a Dirichlet state per
-  group that absorbs those scores, with optional memory across ticks because a group's
-  condition persists, and hands out ``π`` to the policies.
+* :class:`ForwardBeliefs` (lives in the scheduler plugin, the default) is a Bayesian
+  forward filter per group: a group's condition persists, so each tick the belief is
+  carried forward by the persistence transition and updated with the look's likelihood,
+  and evidence compounds. :class:`GroupBeliefs`, the older additive Dirichlet state, stays
+  selectable (``sneakpeek.belief: "dirichlet"``). Either hands out ``π`` to the policies.
 
 :func:`build_estimator` wires the two configuration knobs (``impl`` and the reader's
 calibration data) together; :func:`brier` and :func:`accuracy` measure π's quality.
@@ -23,29 +25,40 @@ import math
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "BELIEFS",
     "DEFAULT_MEMORY",
+    "DEFAULT_PERSISTENCE",
     "DEFAULT_PRIOR_STRENGTH",
     "DEFAULT_STRENGTH",
     "Estimator",
+    "ForwardBeliefs",
     "GroupBeliefs",
     "NearestMeanEstimator",
     "PriorEstimator",
     "accuracy",
     "brier",
     "build_estimator",
+    "calibrate",
+    "CalibratedEstimator",
     "fit_from_reader",
     "load_estimator",
+    "make_beliefs",
+    "persistence_from_labels",
+    "single_look",
 ]
 
 #: Share of a group's accumulated evidence kept from one tick to the next.
 DEFAULT_MEMORY = 0.5
 #: Pseudo-counts one tick's scores add.
 DEFAULT_STRENGTH = 1.0
+#: The forward filter's persistence ρ when neither config nor calibration data gives one.
+DEFAULT_PERSISTENCE = 0.9
 #: Pseudo-counts of the prior (``s0``): with the defaults a single look moves π halfway
 #: from the prior to the estimator's scores, and a steady look two thirds of the way.
 DEFAULT_PRIOR_STRENGTH = 1.0
@@ -350,12 +363,19 @@ def fit_from_reader(estimator: Any, reader: Any, n: int, *, max_bytes: int = 256
 
     Raises the reader's ``NoCalibrationData`` when it has no labelled data.
     """
+    return _fit_on_calibration(estimator, reader, n, max_bytes)[0]
+
+
+def _fit_on_calibration(
+    estimator: Any, reader: Any, n: int, max_bytes: int = 256 << 20
+) -> tuple[Any, np.ndarray]:
+    """:func:`fit_from_reader`, also returning the calibration labels it saw."""
     shape = getattr(reader, "declared_shape", None)
     per_sample = 4 * math.prod(shape) if shape else 1 << 20
     chunk = max(1, min(n, max_bytes // max(per_sample, 1)))
     if chunk >= n or not hasattr(estimator, "fit_features"):
         samples, labels = reader.calibration(n)
-        return estimator.fit(samples, labels)
+        return estimator.fit(samples, labels), np.asarray(labels)
     feats, labels = [], []
     estimator.shape = None
     for start in range(0, n, chunk):
@@ -363,9 +383,28 @@ def fit_from_reader(estimator: Any, reader: Any, n: int, *, max_bytes: int = 256
         feats.append(estimator.features(s))
         labels.append(y)
         shape = tuple(s.shape[1:])
-    estimator.fit_features(np.concatenate(feats), np.concatenate(labels))
+    all_labels = np.concatenate(labels)
+    estimator.fit_features(np.concatenate(feats), all_labels)
     estimator.shape = shape
-    return estimator
+    return estimator, all_labels
+
+
+@dataclass(frozen=True)
+class CalibratedEstimator:
+    """A fitted estimator with what the scheduler's belief needs to know about it.
+
+    ``score_prior``: the class probabilities its scores are posteriors under (the
+    estimator's own ``prior`` attribute, else its calibration class frequencies).
+    ``persistence``: ρ estimated from the calibration labels when the reader says they
+    form one sequence (``calibration_is_sequence``), else None.
+    """
+
+    estimator: Any
+    score_prior: tuple[float, ...]
+    persistence: float | None = None
+
+    def scores(self, samples: np.ndarray) -> np.ndarray:
+        return self.estimator.scores(samples)
 
 
 def build_estimator(app: Any, reader: Any | None = None, n_calibration: int = 512) -> Any:
@@ -374,18 +413,33 @@ def build_estimator(app: Any, reader: Any | None = None, n_calibration: int = 51
     Uses ``app.sneakpeek.impl`` when set, else :class:`NearestMeanEstimator`; falls back
     to :class:`PriorEstimator` (with a warning) when the reader has no labelled data.
     """
+    return calibrate(app, reader, n_calibration).estimator
+
+
+def calibrate(app: Any, reader: Any | None = None, n_calibration: int = 512) -> CalibratedEstimator:
+    """:func:`build_estimator`, with the score prior and persistence its labels give."""
     from serif_dask.readers import NoCalibrationData
 
     prior = _normalise_prior(app.prior)
     impl = getattr(getattr(app, "sneakpeek", None), "impl", None)
     if reader is None:
-        return PriorEstimator(prior)
+        return CalibratedEstimator(PriorEstimator(prior), tuple(prior))
     estimator = load_estimator(impl, prior) if impl else NearestMeanEstimator(prior)
     try:
-        return fit_from_reader(estimator, reader, n_calibration)
+        estimator, labels = _fit_on_calibration(estimator, reader, n_calibration)
     except NoCalibrationData as exc:
         warnings.warn(f"application {app.name!r}: {exc}; SneakPeek uses the prior", stacklevel=2)
-        return PriorEstimator(prior)
+        return CalibratedEstimator(PriorEstimator(prior), tuple(prior))
+    own = getattr(estimator, "prior", None)
+    if own is not None and np.size(own) == prior.size:
+        score_prior = _normalise_prior(own)
+    else:
+        known = labels[labels >= 0].astype(np.int64)
+        score_prior = _normalise_prior(np.bincount(known, minlength=prior.size) + 0.5)
+    persistence = None
+    if getattr(reader, "calibration_is_sequence", False):
+        persistence = persistence_from_labels(labels, prior)
+    return CalibratedEstimator(estimator, tuple(float(x) for x in score_prior), persistence)
 
 
 # ============================================================================ quality
@@ -501,3 +555,144 @@ class GroupBeliefs:
             self.alpha[:] = self.alpha0
         else:
             self.alpha[np.asarray(groups, dtype=np.int64)] = self.alpha0
+
+
+class ForwardBeliefs:
+    """Per-group posterior over the current class: a forward (hidden Markov) filter.
+
+    A group's class persists from tick to tick with probability ``persistence`` (ρ), else
+    it is redrawn from the prior, so the transition is ``T = ρ·I + (1 − ρ)·1·priorᵀ``.
+    Each tick a group is observed::
+
+        predict:  b ← b·T = ρ·b + (1 − ρ)·prior
+        update:   b ← b ⊙ ℓ / Σ(b ⊙ ℓ),   ℓ = (scores / score_prior) ** strength
+
+    ``scores`` are the estimator's class probabilities, posteriors under ``score_prior``
+    (the estimator's own ``prior`` attribute, else the class frequencies it was calibrated
+    on), so dividing by it leaves a likelihood. ``strength`` tempers that likelihood: 1
+    trusts the calibrated classifier as it is, below 1 discounts looks that are not as
+    independent as the filter assumes. Evidence compounds across ticks (a steady look
+    makes the belief ever more certain), and a change of condition is followed within a
+    tick or two, at the rate the persistence allows.
+
+    Rows with non-finite scores (failed reads) are predicted but not updated: time passed
+    without a look. A group listed twice in one :meth:`observe` is predicted once and
+    absorbs both looks. Plain numpy state: cheap to keep in the scheduler.
+    """
+
+    def __init__(
+        self,
+        prior: Sequence[float] | np.ndarray,
+        n_groups: int,
+        persistence: float = DEFAULT_PERSISTENCE,
+        strength: float = DEFAULT_STRENGTH,
+        score_prior: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
+        if not 0.0 <= persistence <= 1.0:
+            raise ValueError(f"persistence must be in [0, 1], got {persistence}")
+        if strength < 0:
+            raise ValueError(f"strength must be >= 0, got {strength}")
+        self.prior = _normalise_prior(prior)
+        self.persistence = float(persistence)
+        self.strength = float(strength)
+        self.score_prior = self.prior if score_prior is None else _normalise_prior(score_prior)
+        if self.score_prior.size != self.prior.size:
+            raise ValueError(f"score_prior has {self.score_prior.size} classes, "
+                             f"expected {self.prior.size}")
+        self.b = np.tile(self.prior, (int(n_groups), 1))
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.b.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.prior.size)
+
+    def likelihood(self, scores: np.ndarray) -> np.ndarray:
+        """ℓ (n, K) of one look each, scaled so that every row's maximum is 1."""
+        return _likelihood(scores, self.score_prior, self.strength)
+
+    def single(self, scores: np.ndarray) -> np.ndarray:
+        """What one look alone says (the prior updated once): the baseline the filter beats."""
+        return single_look(self.prior, scores, self.score_prior, self.strength)
+
+    def observe(self, groups: np.ndarray, scores: np.ndarray) -> None:
+        """One tick of ``groups`` (n,): predict each once, update with its finite looks."""
+        groups = np.asarray(groups, dtype=np.int64).reshape(-1)
+        scores = np.asarray(scores, dtype=np.float64).reshape(groups.size, self.k)
+        if groups.size == 0:
+            return
+        seen = np.unique(groups)
+        self.b[seen] = self.persistence * self.b[seen] + (1.0 - self.persistence) * self.prior
+        good = np.isfinite(scores).all(axis=1)
+        if good.any():
+            np.multiply.at(self.b, groups[good], self.likelihood(scores[good]))
+            touched = np.unique(groups[good])
+            self.b[touched] /= self.b[touched].sum(axis=1, keepdims=True)
+
+    def pi(self, groups: np.ndarray | None = None) -> np.ndarray:
+        """Class estimate π (n, K) of ``groups`` (all groups when None); rows sum to 1."""
+        return (self.b if groups is None else self.b[np.asarray(groups, dtype=np.int64)]).copy()
+
+    def reset(self, groups: np.ndarray | None = None) -> None:
+        if groups is None:
+            self.b[:] = self.prior
+        else:
+            self.b[np.asarray(groups, dtype=np.int64)] = self.prior
+
+
+def _likelihood(scores: np.ndarray, score_prior: np.ndarray, strength: float) -> np.ndarray:
+    ratio = np.clip(np.asarray(scores, dtype=np.float64), 1e-12, None) / score_prior
+    log_l = strength * np.log(ratio)
+    return np.exp(log_l - log_l.max(axis=1, keepdims=True))
+
+
+def single_look(
+    prior: np.ndarray, scores: np.ndarray, score_prior: np.ndarray | None = None,
+    strength: float = 1.0,
+) -> np.ndarray:
+    """The posterior (n, K) after one look each, from the prior: what a belief without
+    memory would say. Rows of non-finite scores give the prior."""
+    prior = _normalise_prior(prior)
+    score_prior = prior if score_prior is None else _normalise_prior(score_prior)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1, prior.size)
+    good = np.isfinite(scores).all(axis=1)
+    out = np.tile(prior, (scores.shape[0], 1))
+    if good.any():
+        post = prior * _likelihood(scores[good], score_prior, strength)
+        out[good] = post / post.sum(axis=1, keepdims=True)
+    return out
+
+
+#: Belief kinds by the name ``sneakpeek.belief`` takes.
+BELIEFS = ("filter", "dirichlet")
+
+
+def persistence_from_labels(labels: np.ndarray, prior: np.ndarray) -> float | None:
+    """ρ of the persistence chain from one labelled sequence, or None with too few steps.
+
+    Under ``T = ρ·I + (1 − ρ)·1·priorᵀ`` a step keeps its class with probability
+    ``ρ + (1 − ρ)·Σ prior²``; solving the observed share of kept classes for ρ.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    labels = labels[labels >= 0]
+    if labels.size < 20:
+        return None
+    stay = float(np.mean(labels[1:] == labels[:-1]))
+    chance = float(np.sum(np.asarray(prior, dtype=float) ** 2))
+    if chance >= 1.0:
+        return None
+    return float(np.clip((stay - chance) / (1.0 - chance), 0.0, 1.0))
+
+
+def make_beliefs(
+    app: Any, n_groups: int, persistence: float, score_prior: np.ndarray | None = None
+) -> ForwardBeliefs | GroupBeliefs:
+    """The belief of ``app.sneakpeek.belief`` for ``n_groups`` groups."""
+    settings = app.sneakpeek
+    if settings.belief == "dirichlet":
+        return GroupBeliefs(app.prior, n_groups, memory=settings.memory,
+                            strength=settings.strength)
+    return ForwardBeliefs(app.prior, n_groups, persistence=persistence,
+                          strength=settings.strength, score_prior=score_prior)

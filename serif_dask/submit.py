@@ -23,7 +23,7 @@ from distributed import worker_client
 from distributed.protocol.pickle import dumps
 
 from serif_dask.config import Application, SerifConfig
-from serif_dask.records import Chunk, completed_utility
+from serif_dask.records import PEEK_MODEL, Chunk, completed_utility
 from serif_dask.tasks import ReadResult, _app, score_task
 from serif_dask.worker import current_plugin
 
@@ -136,6 +136,10 @@ def submit_task(
         if plan["dropped"]:
             return _record(app_cfg, app, group, label, arrival, "dropped",
                            plan["drop_reason"], request, pi=pi)
+        if plan["answered"]["groups"]:  # answered from the peek, no GPU time
+            return _record(app_cfg, app, group, label, arrival, "completed", "", request,
+                           model=PEEK_MODEL, pi=pi, finish=time.time(),
+                           prediction=int(plan["answered"]["prediction"][0]))
         batch = plan["batches"][0]
         profile = next(p for p in app_cfg.model_profiles if p.name == batch["model"])
         read = ReadResult(

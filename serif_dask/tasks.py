@@ -259,13 +259,14 @@ def export_task(read: ReadResult, groups: list[int], ttl_s: float) -> dict[int, 
 
 
 def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) -> Any:
-    """Fit the application's SneakPeek estimator on the reader's labelled calibration data."""
+    """Fit the application's SneakPeek estimator on the reader's labelled calibration data
+    (a :class:`~serif_dask.sneakpeek.CalibratedEstimator`)."""
     from serif_dask import sneakpeek
 
     plugin = current_plugin()
     config = plugin.ensure_run(run_id)
     reader = _reader(plugin, config, app, modality, server)
-    return sneakpeek.build_estimator(_app(config, app), reader, n)
+    return sneakpeek.calibrate(_app(config, app), reader, n)
 
 
 def warm_data_task(
@@ -334,7 +335,7 @@ def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
         stale = dataplane.stale_rows(plugin, read)
         ok &= ~stale
         scores[stale] = np.nan
-    return {"groups": read.groups, "scores": scores, "ok": ok}
+    return {"groups": read.groups, "scores": scores, "ok": ok, "labels": read.labels}
 
 
 def score_task(

@@ -796,6 +796,9 @@ def test_extensions_are_read():
     wake = loaded.app("wake")
     assert wake.miss_utility == -0.5
     assert wake.sneakpeek.model_dump() == {
+        "belief": "filter",
+        "persistence": None,
+        "answer": True,
         "memory": 0.0,
         "strength": 4.0,
         "impl": "pk.est:Est",
