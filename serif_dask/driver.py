@@ -540,8 +540,10 @@ class Driver:
         self.log.add_beliefs(app.name, labels[live], pi, np.asarray(app.prior, dtype=float),
                              single)
         dropped = np.asarray(plan["dropped"], dtype=np.int64)
-        if dropped.size:
-            record(self._chunk(app, tick, dropped, arrival, "dropped", plan["drop_reason"]))
+        if dropped.size:  # labels known from the peek are kept: a drop's lost utility shows
+            chunk = self._chunk(app, tick, dropped, arrival, "dropped", plan["drop_reason"])
+            chunk.label = labels[dropped]
+            record(chunk)
         answered = np.asarray(plan["answered"]["groups"], dtype=np.int64)
         if answered.size:
             record(self._answered(app, tick, arrival, planned, answered, labels[answered],
