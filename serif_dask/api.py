@@ -74,6 +74,7 @@ class Serif:
         records: str | Path | None = None,
         on_records: Callable[[list[dict[str, Any]]], None] | None = None,
         results_stream: str | None = None,
+        replace: bool = False,
     ):
         if not isinstance(config, SerifConfig):
             paths = [config] if isinstance(config, str | Path) else list(config)
@@ -85,6 +86,7 @@ class Serif:
         self.seed = resolve_seed(seed, config)
         self.records = Path(records) if records else None
         self.on_records = on_records
+        self.replace = replace  # end another live run on the scheduler rather than refuse
         self.results_stream: ResultsStream | None = config.system.results_stream
         if results_stream:
             base = self.results_stream or ResultsStream()
@@ -146,6 +148,7 @@ class Serif:
             records_path=self.records,
             on_records=self.on_records,
             stop_grace_s=stop_grace_s,
+            replace=self.replace,
         )
 
     async def run_async(self, duration: float | None = None, progress: Any = None) -> dict:
@@ -189,7 +192,8 @@ class Serif:
         A run of this object, active or finished, is used as it is. Else, when the scheduler
         plugin serves a run of the same config (another process's ``serif-dask run``, say),
         requests join it; otherwise this object's config, policy and seed are configured as
-        a new run, which replaces the one the scheduler served. Either way each
+        a new run (refused with ``ValueError`` while another config's run is live, unless
+        ``replace=True``). Either way each
         application's SneakPeek estimator is fitted once. With a synchronous client
         ``submit`` calls this itself.
         """
@@ -204,6 +208,9 @@ class Serif:
         if current.get("config") is not None and loads(current["config"]) == self.config:
             driver.run_id = current["run_id"]
             await self._fit_estimators(driver)
+        elif current.get("live") and not self.replace:
+            raise ValueError(f"the scheduler serves live run {current['run_id']} of another "
+                             "config; pass replace=True to end it")
         else:
             await driver.configure()
         self._adhoc = driver

@@ -19,6 +19,7 @@ from typing import Any
 import click
 
 from serif_dask.config import ConfigError, SerifConfig, load_config
+from serif_dask.errors import RunFailed, RunRefused
 
 logger = logging.getLogger("serif_dask")
 
@@ -26,8 +27,6 @@ EXIT_RUNTIME = 1
 EXIT_CONFIG = 2
 
 
-class RunFailed(Exception):
-    """A run could not go on; the message is one line for the user."""
 
 
 class _SerifGroup(click.Group):
@@ -36,7 +35,7 @@ class _SerifGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
+        except (ConfigError, RunRefused) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(EXIT_CONFIG)
         except RunFailed as exc:
@@ -92,12 +91,15 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
               help="Use this running Dask scheduler instead of starting a local cluster.")
 @click.option("--dashboard-address", default=None,
               help="Dashboard address of the local cluster (default: a free port).")
+@click.option("--replace", is_flag=True,
+              help="End the run the scheduler serves (its driver exits 1) and start this one.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def run(
     config: tuple[str, ...], duration: float | None, policy: str | None,
     data_aware: bool | None, seed: int | None, json_path: str | None, records: str | None,
     results_stream: str | None,
-    simulate: bool, scheduler_address: str | None, dashboard_address: str | None, quiet: bool,
+    simulate: bool, scheduler_address: str | None, dashboard_address: str | None,
+    replace: bool, quiet: bool,
 ) -> None:
     """Serve CONFIG: tick every application, schedule, score, and print a summary."""
     cfg = _load(config, simulate)
@@ -122,6 +124,7 @@ def run(
             scheduler_address=scheduler_address,
             dashboard_address=dashboard_address,
             progress=not quiet and sys.stdout.isatty(),
+            replace=replace,
         )
     )
     if summary is not None:
@@ -309,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         status = cli.main(args=argv, prog_name="serif-dask", standalone_mode=False)
-    except ConfigError as exc:
+    except (ConfigError, RunRefused) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except click.exceptions.Abort:

@@ -24,6 +24,7 @@ from distributed import Client, Future
 from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.config import Application, SerifConfig
+from serif_dask.errors import RunRefused
 from serif_dask.records import PEEK_MODEL, Chunk, RecordLog, completed_utility, summary
 from serif_dask.tasks import (
     export_task,
@@ -42,6 +43,9 @@ GRACE_S = 30.0
 #: Planning assumes a tick's plan happens this long after its samples are taken (read and
 #: peek); a constant, so that decisions stay a pure function of config and seed.
 PIPELINE_S = 0.1
+#: A worker still running a timed-out tick's task this long after the tick's deadline is
+#: restarted through its nanny.
+STUCK_S = 30.0
 #: Preparation (SneakPeek fit, readers opened, models loaded) still running after this
 #: many seconds is named in one line; after the second bound the run starts without it.
 PREPARE_WARN_S = 60.0
@@ -63,6 +67,11 @@ class RunOptions:
     on_records: Callable[[list[dict[str, Any]]], None] | None = None
     stop_grace_s: float = 3.0
     redis: dict[str, Any] | None = field(default=None, repr=False)  # nodes and password
+    replace: bool = False  # end a live run on the scheduler instead of being refused
+    #: A tick still unfinished this long after its last deadline (2 × sla) fails what is
+    #: left; at most ``max_inflight_ticks`` ticks run at once (more are skipped).
+    tick_grace_s: float = 5.0
+    max_inflight_ticks: int = 32
 
 
 @dataclass
@@ -70,6 +79,14 @@ class RunStats:
     ticks: int = 0
     ticks_late: int = 0
     decision_ms: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _TickProgress:
+    """Where a tick stands, for a truthful reason when its deadline passes."""
+
+    stage: str = "read"  # read, peek, plan, score
+    reads: dict[str, list[tuple[str, Future]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -167,8 +184,12 @@ class Driver:
         self.estimators: dict[str, Future] = {}
         self._estimator_values: dict[str, Any] = {}
         self.inflight: set[asyncio.Task] = set()
+        self._ticks: set[asyncio.Task] = set()  # the ticks among them
+        self._watchers: set[asyncio.Task] = set()  # restarts of workers stuck in a task
         self.started = 0.0
         self.scheduler_lost = False
+        self.configured = False
+        self.replaced_by: str | None = None  # the run that took the scheduler over
         # Plans are made in tick order (due time, then application), whatever order their
         # reads finish in: the planner's state then depends only on config and seed.
         self._next_seq = 0
@@ -178,14 +199,18 @@ class Driver:
 
     # -- set-up --------------------------------------------------------------------------
     async def configure(self) -> None:
-        await self.client.scheduler.serif_configure(
+        reply = await self.client.scheduler.serif_configure(
             config=dumps(self.config),
             run_id=self.run_id,
             policy=self.options.policy,
             data_aware=self.options.data_aware,
             seed=self.options.seed,
             redis=self.options.redis,
+            replace=self.options.replace,
         )
+        if reply.get("refused"):
+            raise RunRefused(reply["refused"])
+        self.configured = True
         data = await self._data_workers()
         steps: dict[str, Future] = {}
         for app in self.config.apps:
@@ -304,7 +329,13 @@ class Driver:
         finally:
             watch.cancel()
             await self._drain()
+            for task in list(self._watchers):
+                task.cancel()
             self.log.close()
+            if self.configured and not self.scheduler_lost and not self.replaced_by:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self.client.scheduler.serif_end(run_id=self.run_id), timeout=5)
         return self.summary()
 
     async def _watch_scheduler(self) -> None:
@@ -328,6 +359,13 @@ class Driver:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _replaced(self, message: str) -> None:
+        """Another driver configured the scheduler with ``--replace``: end this run."""
+        if self.replaced_by is None:
+            self.replaced_by = message.rsplit(" ", 1)[-1]
+            logger.warning("serif: run %s: %s; stopping", self.run_id, message)
+        self.stop()
 
     async def _clock(self, progress: Callable[[RunStats, RecordLog], None] | None) -> None:
         apps = self.config.apps
@@ -356,15 +394,30 @@ class Driver:
                 app = apps[i]
                 if now - due[i] > min(0.5, app.sample_duration / 2):
                     self.stats.ticks_late += 1
-                task = asyncio.create_task(
-                    self._tick(app, index[i], now, due[i] - start, plan_round, member)
-                )
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
+                if len(self._ticks) >= self.options.max_inflight_ticks:
+                    self._skip(app, index[i], now)
+                    plan_round.withdraw(member)
+                else:
+                    task = asyncio.create_task(
+                        self._tick(app, index[i], now, due[i] - start, plan_round, member)
+                    )
+                    for tasks in (self.inflight, self._ticks):
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
                 index[i] += 1
                 self.stats.ticks += 1
             if progress is not None:
                 progress(self.stats, self.log)
+
+    def _skip(self, app: Application, tick: int, arrival: float) -> None:
+        """Too many ticks in flight: this one is not started, its requests fail."""
+        groups = np.arange(self.config.data.num_groups, dtype=np.int64)
+        logger.warning("serif: %d ticks in flight; tick %d of %s skipped",
+                       len(self._ticks), tick, app.name)
+        chunk = self._chunk(app, tick, groups, arrival, "failed", "tick-skipped")
+        self.log.add(chunk)
+        if self.options.on_records is not None:
+            self.options.on_records(list(chunk.rows()))
 
     async def _drain(self) -> None:
         """Let in-flight ticks finish: up to their deadlines on a normal end, briefly on stop."""
@@ -419,11 +472,16 @@ class Driver:
                 record(self._chunk(app, tick, which, arrival, "failed", reason, model, worker))
 
         futures: list[Future] = []
+        progress = _TickProgress()
+        limit = 2 * app.sla_latency + self.options.tick_grace_s
         try:
-            await self._tick_body(
-                app, tick, arrival, logical, plan_round, member, groups, pending, record, fail,
-                futures,
+            await asyncio.wait_for(
+                self._tick_body(app, tick, arrival, logical, plan_round, member, groups,
+                                pending, record, fail, futures, progress),
+                timeout=max(0.0, arrival + limit - time.time()),
             )
+        except TimeoutError:
+            self._timed_out(app, tick, progress, futures, groups[pending], fail)
         except asyncio.CancelledError:  # stopped, or futures cancelled with the scheduler
             fail(groups, "scheduler-lost" if self._lost_scheduler() else "stopped")
             raise
@@ -431,6 +489,9 @@ class Driver:
             if self._lost_scheduler():
                 self.stop()
                 fail(groups, "scheduler-lost")
+            elif str(exc).startswith("run-changed"):
+                self._replaced(str(exc))
+                fail(groups, "run-replaced")
             else:
                 logger.exception("serif: tick %d of %s failed", tick, app.name)
                 fail(groups, f"tick-error: {type(exc).__name__}: {exc}")
@@ -441,6 +502,50 @@ class Driver:
                 fut.release()
             if not self.scheduler_lost:
                 await self._report(app, recorded)
+
+    def _timed_out(
+        self, app: Application, tick: int, progress: _TickProgress, futures: list[Future],
+        left: np.ndarray, fail: Callable[..., None],
+    ) -> None:
+        """The tick's deadline passed: fail what is left with the step it waited for.
+
+        A group whose read has not returned fails ``read-timeout``; the others fail with
+        the step the tick was in (``peek-timeout``, ``plan-timeout``, ``score-timeout``).
+        The tick's tasks are cancelled; a worker still running one of them after
+        ``STUCK_S`` is restarted through its nanny.
+        """
+        for mod, reads in progress.reads.items():
+            for server, fut in reads:
+                if fut.status != "finished":
+                    owned = np.asarray(self.config.groups_of(server, mod), dtype=np.int64)
+                    fail(owned, "read-timeout")
+        logger.warning("serif: tick %d of %s passed its deadline in its %s step; %d requests "
+                       "failed", tick, app.name, progress.stage, left.size)
+        fail(left, f"{progress.stage}-timeout")
+        unfinished = [f for f in futures if f.status not in ("finished", "error", "cancelled")]
+        if unfinished:
+            self._watch_stuck({f.key for f in unfinished})
+            self.client.cancel(unfinished)
+
+    def _watch_stuck(self, keys: set[str]) -> None:
+        task = asyncio.ensure_future(self._restart_if_stuck(keys))
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def _restart_if_stuck(self, keys: set[str]) -> None:
+        """Restart (through its nanny) a worker still running a timed-out tick's task."""
+        await asyncio.sleep(STUCK_S)
+        try:
+            processing = await self.client.scheduler.processing()
+        except Exception:
+            return
+        stuck = [w for w, running in processing.items() if keys & set(running)]
+        for address in stuck:
+            logger.warning("serif: worker %s still runs a task of a timed-out tick after "
+                           "%.0f s; restarting it", address, STUCK_S)
+        if stuck:
+            with contextlib.suppress(Exception):
+                await self.client.restart_workers(stuck, timeout=60, raise_for_error=False)
 
     async def _report(self, app: Application, chunks: list[Chunk]) -> None:
         """Send one tick's outcomes to the scheduler plugin, for live metrics."""
@@ -460,6 +565,7 @@ class Driver:
                     utility=float(sum(c.utility.sum() for c in chunks)),
                     deadline_met=int(sum(c.deadline_met.sum() for c in done)),
                     latencies=[float(x) for c in done for x in c.latency],
+                    run_id=self.run_id,
                 ),
                 timeout=10,
             )
@@ -470,6 +576,7 @@ class Driver:
         self, app: Application, tick: int, arrival: float, logical: float,
         plan_round: _PlanRound, member: int, groups: np.ndarray, pending: np.ndarray,
         record: Callable[[Chunk], None], fail: Callable[..., None], futures: list[Future],
+        progress: _TickProgress,
     ) -> None:
         config, client = self.config, self.client
         workers = await self._workers()
@@ -481,6 +588,7 @@ class Driver:
             for m in mods
         }
         reads: dict[str, list[tuple[str, Future]]] = {m: [] for m in mods}
+        progress.reads = reads
         input_node = {m: np.full(groups.size, "", dtype=object) for m in mods}
         for mod in mods:
             for server in config.server_names:
@@ -502,6 +610,7 @@ class Driver:
                 reads[mod].append((server, fut))
 
         scores = np.full((groups.size, len(app.prior)), np.nan)
+        progress.stage = "peek"
         estimator = await self._estimator(app, data)
         peeks: dict[str, Future] = {}
         if estimator is not None:
@@ -529,6 +638,7 @@ class Driver:
         live = groups[pending]
         if live.size == 0:
             return
+        progress.stage = "plan"
         plan = await plan_round.plan(member, {
             "app": app.name, "tick": tick, "groups": live.tolist(),
             "arrival": [logical] * live.size, "scores": dumps(scores[live]),
@@ -554,6 +664,7 @@ class Driver:
         host_node = {w["address"]: w["host_node"] for w in workers}
         ctx = _TickContext(app, tick, arrival, logical, reads, data, host_node,
                            input_node, futures, labels)
+        progress.stage = "score"
         batches = self._submit_batches(ctx, plan["batches"])
         await self._collect(ctx, batches, pi_by_group, record, fail)
 
@@ -637,7 +748,11 @@ class Driver:
             while waiting:
                 timeout = min(0.5, deadline - time.monotonic())
                 if timeout <= 0:
-                    break  # slow but alive: the score batches wait for it
+                    # Past 2 × sla a request earns nothing: a read still running is a
+                    # stuck sensor or server, and the batches must not wait for it.
+                    lost.update(dict.fromkeys(waiting.values(), "read-timeout"))
+                    self._watch_stuck({f.key for s, f in reads[mod] if s in lost})
+                    break
                 done, _ = await asyncio.wait(waiting, timeout=timeout)
                 for task in done:
                     server = waiting.pop(task)
@@ -727,6 +842,7 @@ class Driver:
             arrival=[ctx.logical] * groups.size, scores=None,
             input_node={m: nodes[groups].tolist() for m, nodes in ctx.input_node.items()},
             now=max(now, ctx.logical + PIPELINE_S), started=self.started, attempt=ctx.attempt,
+            run_id=self.run_id,
         )
         self.stats.decision_ms.append(plan["decision_ms"])
         answered = plan["answered"]

@@ -18,6 +18,7 @@ from distributed import Client
 from serif_dask.api import Serif
 from serif_dask.config import SerifConfig
 from serif_dask.driver import RunStats
+from serif_dask.errors import RunFailed
 from serif_dask.records import RecordLog
 
 logger = logging.getLogger("serif_dask.runner")
@@ -62,9 +63,10 @@ async def run_deployment(
     scheduler_address: str | None,
     dashboard_address: str | None,
     progress: bool,
+    replace: bool = False,
 ) -> tuple[dict[str, Any] | None, int]:
     """Run ``config``; return (summary, exit status)."""
-    from serif_dask.cli import RunFailed, install_signal_handlers
+    from serif_dask.cli import install_signal_handlers
 
     if not logger.isEnabledFor(logging.INFO):
         # The local scheduler lives in this process: keep Dask's chatter off the terminal.
@@ -96,13 +98,18 @@ async def run_deployment(
             return None, _signal_status(stopped)
         serif = Serif(
             client, config, policy=policy, data_aware=data_aware, seed=seed, records=records,
-            results_stream=results_stream,
+            results_stream=results_stream, replace=replace,
         )
         await serif.install()
         bar = _Progress() if progress else None
         with bar if bar is not None else contextlib.nullcontext():
             summary = await serif.run_async(duration, progress=bar)
-        if serif.driver is not None and serif.driver.scheduler_lost:
+        if serif.driver is not None and serif.driver.replaced_by:
+            print(f"error: run {serif.driver.run_id} was replaced by run "
+                  f"{serif.driver.replaced_by}; summary holds what was recorded",
+                  file=sys.stderr)
+            status = 1
+        elif serif.driver is not None and serif.driver.scheduler_lost:
             print("error: lost the Dask scheduler; summary holds what was recorded",
                   file=sys.stderr)
             if not logger.isEnabledFor(logging.INFO):

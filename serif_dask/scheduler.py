@@ -35,6 +35,9 @@ DATA_PREFIX = "data@"
 #: from the real queues instead of its logical clock (and decisions stop being a pure
 #: function of config and seed).
 SLACK_SLA_FRACTION = 0.5
+#: A run whose driver has neither planned nor reported for this long (or five tick periods
+#: and deadlines, if longer) is no longer live: another run may configure the scheduler.
+LIVE_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -111,6 +114,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "serif_get_config": self.get_config,
                 "serif_plan": self.plan,
                 "serif_calibrate": self.calibrate,
+                "serif_end": self.end,
                 "serif_report": self.report,
                 "serif_state": self.state,
                 "serif_warm": self.warm_update,
@@ -136,6 +140,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.decision_ms: deque[float] = deque(maxlen=4096)
         self.latest_pi: dict[str, ForwardBeliefs | GroupBeliefs] = {}  # planned so far
         self.hook_errors = 0
+        self.ended = True  # no run is live until one is configured
+        self.last_activity = 0.0
+        self.live_timeout_s = LIVE_TIMEOUT_S
+        self._lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="serif-plan")
         for address in list(self.scheduler.workers):
             self._track_worker(address)
@@ -209,11 +217,60 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         data_aware: bool,
         seed: int,
         redis: dict[str, Any] | None = None,
+        replace: bool = False,
     ) -> dict[str, Any]:
-        """Start a run: install its config and policy and reset every per-run state."""
+        """Start a run: install its config and policy and reset every per-run state.
+
+        One run at a time: while another run is live (its driver planned or reported
+        within ``live_timeout_s``, and has not ended it) the reply is ``{"refused": why}``,
+        unless ``replace``; the old run's driver then learns from its next call
+        (``run-changed``) and ends.
+        """
+        async with self._lock:
+            live = self.live_run()
+            if live is not None and live != run_id and not replace:
+                return {"refused": f"the scheduler serves live run {live}; end it first, "
+                                   "or replace it (--replace)", "live_run": live}
+            replaced = live if live is not None and live != run_id else None
+            if replaced:
+                logger.warning("serif: run %s replaces live run %s", run_id, replaced)
+            reply = await self._configure(config, run_id, policy, data_aware, seed, redis)
+            reply["replaced"] = replaced
+            return reply
+
+    def live_run(self) -> str | None:
+        """The run a driver is serving now, if any."""
+        if self.run_id is None or self.ended:
+            return None
+        if time.time() - self.last_activity > self.live_timeout_s:
+            return None  # its driver went away without ending it
+        return self.run_id
+
+    def end(self, run_id: str) -> None:
+        """The driver of ``run_id`` is done: the scheduler is free for another run."""
+        if run_id == self.run_id:
+            self.ended = True
+
+    def _touch(self, run_id: str | None) -> None:
+        """A call for ``run_id``: refuse it when that is not the configured run."""
+        if self.table is None or self.config is None:
+            raise RuntimeError("serif: no run is configured on this scheduler")
+        if run_id is not None and run_id != self.run_id:
+            raise RuntimeError(f"run-changed: the scheduler now serves run {self.run_id}")
+        self.last_activity = time.time()
+
+    async def _configure(
+        self, config: bytes, run_id: str, policy: str, data_aware: bool, seed: int,
+        redis: dict[str, Any] | None,
+    ) -> dict[str, Any]:
         parsed: SerifConfig = loads(config)
         policy_obj = get_policy(policy)
         self.config, self.config_bytes, self.run_id = parsed, config, run_id
+        self.ended = False
+        self.last_activity = time.time()
+        self.live_timeout_s = max(LIVE_TIMEOUT_S,
+                                  5 * max(a.sample_duration + 2 * a.sla_latency
+                                          for a in parsed.apps))
         self.table = ModelTable.from_config(parsed)
         self.policy_name, self.policy = policy, policy_obj
         self.data_aware, self.seed = bool(data_aware), int(seed)
@@ -242,9 +299,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
     def get_config(self, run_id: str | None = None) -> dict[str, Any]:
         """Workers pull the run's config lazily, on their first task of a run."""
         if self.config_bytes is None or (run_id is not None and run_id != self.run_id):
-            return {"run_id": self.run_id, "config": None}
+            return {"run_id": self.run_id, "config": None, "live": self.live_run() is not None}
         return {
             "run_id": self.run_id, "config": self.config_bytes, "seed": self.seed,
+            "live": self.live_run() is not None,
             "redis": self.redis_info,
         }
 
@@ -301,10 +359,18 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         With ``run_id``, a plan for another run than the configured one is refused rather
         than made against the wrong state.
         """
-        if self.table is None or self.config is None:
-            raise RuntimeError("serif: no run is configured on this scheduler")
-        if run_id is not None and run_id != self.run_id:
-            raise RuntimeError(f"run-changed: the scheduler now serves run {self.run_id}")
+        async with self._lock:  # one plan (or configure) at a time: bookings never race
+            self._touch(run_id)
+            return await self._plan(app, tick, groups, arrival, scores, input_node, now,
+                                    started, attempt, request, parts)
+
+    async def _plan(
+        self, app: str | None, tick: int | None, groups: list[int] | None,
+        arrival: list[float] | None, scores: bytes | None,
+        input_node: dict[str, list[str]] | None, now: float | None, started: float | None,
+        attempt: int, request: str | None, parts: list[dict[str, Any]] | None,
+    ) -> dict[str, Any]:
+        assert self.table is not None and self.config is not None
         single = parts is None
         if parts is None:
             parts = [{"app": app, "tick": tick, "groups": groups, "arrival": arrival,
@@ -384,15 +450,20 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             reply["decision_ms"] = decision_ms
         return replies[0] if single else {"parts": replies, "decision_ms": decision_ms}
 
-    def calibrate(self, app: str, score_prior: list[float] | None = None,
-                  persistence: float | None = None, run_id: str | None = None) -> None:
+    async def calibrate(self, app: str, score_prior: list[float] | None = None,
+                        persistence: float | None = None, run_id: str | None = None) -> None:
         """What the fitted SneakPeek estimator tells the belief: the prior its scores are
         posteriors under, and the persistence its calibration labels show (if any).
 
         Called once per application before the first tick; beliefs start again.
         """
-        if self.config is None or (run_id is not None and run_id != self.run_id):
-            return
+        async with self._lock:
+            self._touch(run_id)
+            self._calibrate(app, score_prior, persistence)
+
+    def _calibrate(self, app: str, score_prior: list[float] | None,
+                   persistence: float | None) -> None:
+        assert self.config is not None
         app_cfg = self.config.app(app)
         if score_prior is not None:
             self.score_prior[app] = np.asarray(score_prior, dtype=float)
@@ -412,8 +483,12 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         return float(self.config.modality(self.config.peek_modality(app)).label_persistence)
 
     def report(self, app: str, outcomes: dict[str, int], reasons: dict[str, int],
-               utility: float, deadline_met: int, latencies: list[float]) -> None:
+               utility: float, deadline_met: int, latencies: list[float],
+               run_id: str | None = None) -> None:
         """The driver reports finished requests, for live metrics."""
+        if run_id is not None and run_id != self.run_id:
+            return  # a replaced run's last ticks: not this run's metrics
+        self.last_activity = time.time()
         metrics = self.metrics.get(app)
         if metrics is None:
             return
@@ -435,6 +510,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         now = time.time()
         return {
             "run_id": self.run_id,
+            "live_run": self.live_run(),
             "policy": self.policy_name,
             "data_aware": self.data_aware,
             "workers": self._describe_workers(now),
@@ -505,6 +581,12 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for w, s in enumerate(compute):
             cols = [index[m] for m in s.warm if m in index]
             warm[w, cols] = True
+        for s in compute:  # bookings whose batch was never submitted (its tick failed)
+            gone = [key for key, (finish, _) in s.pending.items()
+                    if finish < real_now - 1.0 and key not in self.scheduler.tasks]
+            for key in gone:
+                s.pending.pop(key, None)
+                self.pending.pop(key, None)
         backlog = np.asarray([s.backlog(now, self.slack, real_now) for s in compute])
         for s, b in zip(compute, backlog, strict=True):
             # Where reality ran behind the plan, the logical clock catches up with it, so

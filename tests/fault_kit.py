@@ -63,3 +63,22 @@ class RoutePolicy:
                 model[mine] = problem.model_names.index(name)
                 worker[mine] = problem.worker_names.index(address)
         return Plan(model=model, worker=worker, priority=np.zeros(n))
+
+
+#: ``<server>:<tick>:<seconds>``: the read of ``<tick>`` on ``<server>`` sleeps that long,
+#: as a stuck sensor or a hung network mount would.
+HANG_ENV = "SERIF_FAULT_HANG_READ"
+
+
+class HangingReader(SyntheticReader):
+    """The synthetic reader, hanging in one read as ``$SERIF_FAULT_HANG_READ`` says."""
+
+    def read(self, groups: np.ndarray, tick: int, **kwargs: Any) -> Any:
+        spec = os.environ.get(HANG_ENV, "")
+        if spec:
+            server, hang_tick, seconds = spec.split(":")
+            if getattr(self.server, "name", None) == server and int(tick) == int(hang_tick):
+                import time
+
+                time.sleep(float(seconds))
+        return super().read(groups, tick, **kwargs)

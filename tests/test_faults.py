@@ -21,7 +21,7 @@ from serif_dask.policies import _REGISTERED, register_policy
 from serif_dask.redis_server import EmbeddedRedis, start_cluster
 from serif_dask.store import REDIS_ERRORS, WeightStore, connect
 from tests.conftest import BIN, HOSPITAL, ROOT, run_cli
-from tests.fault_kit import KILL_ENV, RoutePolicy
+from tests.fault_kit import HANG_ENV, KILL_ENV, RoutePolicy
 
 CONFIG_FILES = ("system", "application", "data")
 
@@ -136,6 +136,37 @@ def test_data_worker_killed_mid_read(tmp_path: Path, monkeypatch: pytest.MonkeyP
     others = [r for r in records if r["group"] not in bay_a[r["app"]]
               and r["tick"] > kill_tick[r["app"]]]
     assert others and all(r["outcome"] == "completed" for r in others)
+
+
+def test_hung_reader_fails_its_groups_read_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data@bay-a's read of falldetection tick 1 hangs for 6 s: its groups fail
+    ``read-timeout`` (not ``policy-drop``), bay-b's groups of that tick are served, and the
+    ticks after the hang are served again."""
+    docs = {n: json.loads((HOSPITAL / f"{n}.json").read_text()) for n in CONFIG_FILES}
+    docs["data"]["num-groups"] = 8
+    for mod in docs["data"]["data-modalities"]:
+        mod["impl"] = "tests.fault_kit:HangingReader"
+    for name, doc in docs.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    monkeypatch.setenv(HANG_ENV, "bay-a:1:6")
+    config = load_config([tmp_path])
+    rec = tmp_path / "r.jsonl"
+    with local_cluster(config) as cluster, Client(cluster) as client:
+        summary = Serif(client, config, policy="fastest", seed=4, records=rec).run(14)
+    records = [json.loads(x) for x in rec.read_text().splitlines()]
+    _accounted(summary, records)
+    bay_a = set(config.groups_of("bay-a", "video"))
+    hung = [r for r in records if r["app"] == "falldetection" and r["tick"] == 1]
+    assert {r["reason"] for r in hung if r["group"] in bay_a} == {"read-timeout"}
+    assert all(r["outcome"] == "completed" for r in hung if r["group"] not in bay_a)
+    assert "policy-drop" not in summary["failures_by_reason"], summary["failures_by_reason"]
+    failed = {r["reason"] for r in records if r["outcome"] == "failed"}
+    assert failed <= {"read-timeout"}, failed
+    # While the data worker sleeps, its later reads time out too; after it, all is served.
+    after = [r for r in records if r["arrival"] > min(x["arrival"] for x in records) + 10]
+    assert after and all(r["outcome"] == "completed" for r in after)
 
 
 def _fault_config(target: Path) -> Path:

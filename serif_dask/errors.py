@@ -1,0 +1,11 @@
+"""Failures a user sees as one line: the CLI maps each to its exit status."""
+
+from __future__ import annotations
+
+
+class RunFailed(Exception):
+    """A run could not go on (exit status 1); the message is one line for the user."""
+
+
+class RunRefused(RunFailed):
+    """A run was not started because another one is live on the scheduler (exit 2)."""
