@@ -5,13 +5,13 @@ Both read the six-channel, 5 s watch windows of :mod:`serif_dask.readers.basic_m
 which is what makes one cheap and the other accurate:
 
 =================  ==================================================  =============
-``GlanceMotion``   the last 1 s (10 steps) → linear                    244 params
+``GlanceMotion``   the last 0.5 s (5 steps) → linear                   124 params
 ``FCNMotion``      the whole 5 s: three 1-D convolutions (256, 512,     1.06 M params
                    256 channels), global average pool → linear
 =================  ==================================================  =============
 
-A second of wrist motion tells standing from the rest, but walking, running and a
-badminton rally look alike over one stride; five seconds separate them. Both start with
+Half a second of wrist motion tells standing from the rest, but walking, running and a
+badminton rally look alike within one stride; five seconds separate them. Both start with
 a fixed signed-log compression of the raw values (running spans ±20 units, standing
 ±0.5), so no fitted input statistics travel with the weights.
 
@@ -100,14 +100,14 @@ class MotionModel(ModelImpl):
 
 
 class GlanceMotion(MotionModel):
-    """A linear read of the last second: tiny and fast, confuses the moving activities."""
+    """A linear read of the last half second: tiny and fast, confuses the moving activities."""
 
     name = "motion-glance"
 
     @classmethod
     def network(cls) -> nn.Module:
         return nn.Sequential(
-            SignedLog(), LastSteps(10), nn.Flatten(), nn.Linear(CHANNELS * 10, N_CLASSES)
+            SignedLog(), LastSteps(5), nn.Flatten(), nn.Linear(CHANNELS * 5, N_CLASSES)
         )
 
 
