@@ -117,6 +117,7 @@ class Reader(ABC):
 _BUILTINS: dict[str, str] = {
     "synthetic": "serif_dask.readers.synthetic:SyntheticReader",
     "digits": "serif_dask.readers.digits:DigitsReader",
+    "basic-motions": "serif_dask.readers.basic_motions:BasicMotionsReader",
     ".npy": "serif_dask.readers.files:NpyReader",
     ".wav": "serif_dask.readers.files:WavReader",
     ".csv": "serif_dask.readers.files:CsvReader",
