@@ -79,6 +79,8 @@ class RunStats:
     ticks: int = 0
     ticks_late: int = 0
     decision_ms: list[float] = field(default_factory=list)
+    #: "app/model" -> [planned seconds, measured seconds, requests] over its batches
+    latency_drift: dict[str, list] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +188,7 @@ class Driver:
         self.inflight: set[asyncio.Task] = set()
         self._ticks: set[asyncio.Task] = set()  # the ticks among them
         self._watchers: set[asyncio.Task] = set()  # restarts of workers stuck in a task
+        self._batch_times: list[list] = []  # [score key, measured s], for the next report
         self.started = 0.0
         self.scheduler_lost = False
         self.configured = False
@@ -503,6 +506,10 @@ class Driver:
             if not self.scheduler_lost:
                 await self._report(app, recorded)
 
+    def _take_batch_times(self) -> list[list]:
+        times, self._batch_times = self._batch_times, []
+        return times
+
     def _timed_out(
         self, app: Application, tick: int, progress: _TickProgress, futures: list[Future],
         left: np.ndarray, fail: Callable[..., None],
@@ -565,7 +572,7 @@ class Driver:
                     utility=float(sum(c.utility.sum() for c in chunks)),
                     deadline_met=int(sum(c.deadline_met.sum() for c in done)),
                     latencies=[float(x) for c in done for x in c.latency],
-                    run_id=self.run_id,
+                    run_id=self.run_id, batches=self._take_batch_times(),
                 ),
                 timeout=10,
             )
@@ -874,6 +881,7 @@ class Driver:
                     fail(groups, f"model-error: {error}", batch["model"], batch["worker"])
                     continue
                 self._record_result(app, tick, arrival, result, pi, record, fail)
+                self._measured(app, batch, result)
             if waiting and not done:
                 alive = {w["address"] for w in await self._workers()}
                 for task, fut in list(waiting.items()):
@@ -965,6 +973,19 @@ class Driver:
         )
         record(chunk)
 
+    def _measured(self, app: Application, batch: dict[str, Any], result: dict[str, Any]) -> None:
+        """Note a batch's measured seconds against the plan's estimate (profiled latency)."""
+        finish = np.asarray(result["finish"], dtype=float)
+        if finish.size == 0 or not np.isfinite(finish).all():
+            return
+        seconds = float(finish.max() - float(result["start"]))
+        self._batch_times.append([batch["key"], seconds])
+        model = f"{app.name}/{batch['model']}"
+        total = self.stats.latency_drift.setdefault(model, [0.0, 0.0, 0])
+        total[0] += float(batch.get("estimate_s", 0.0))
+        total[1] += seconds
+        total[2] += len(batch["groups"])
+
     def _answered(
         self, app: Application, tick: int, arrival: float, finish: float, groups: np.ndarray,
         labels: np.ndarray, prediction: np.ndarray,
@@ -1005,5 +1026,11 @@ class Driver:
                 "seed": self.options.seed,
                 "run_id": self.run_id,
                 "wall_s": time.time() - self.started if self.started else 0.0,
+                "batch_latency": {
+                    model: {"planned_ms_per_request": 1000 * planned / n,
+                            "measured_ms_per_request": 1000 * measured / n}
+                    for model, (planned, measured, n) in sorted(
+                        self.stats.latency_drift.items()) if n
+                },
             },
         )

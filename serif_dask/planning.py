@@ -126,6 +126,8 @@ class WorkerView:
     host_node: tuple[str, ...]  # shared-memory node of each worker ($SERIF_NODE)
     backlog: np.ndarray  # float (W,)
     warm: np.ndarray  # bool (W, M)
+    #: float (M, W): measured over profiled inference time, where they disagree (None: 1)
+    drift: np.ndarray | None = None
 
 
 def build_problem(
@@ -157,6 +159,8 @@ def build_problem(
 
     w = len(workers.addresses)
     infer = table.infer_node[:, workers.node_index] if w else np.zeros((m_all, 0))
+    if w and workers.drift is not None:
+        infer = infer * workers.drift
     switch = table.switch_node[:, workers.node_index] if w else np.zeros((m_all, 0))
     retrieval = np.zeros((n, m_all, w))
     if w:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,12 @@ SLACK_SLA_FRACTION = 0.5
 #: A run whose driver has neither planned nor reported for this long (or five tick periods
 #: and deadlines, if longer) is no longer live: another run may configure the scheduler.
 LIVE_TIMEOUT_S = 60.0
+#: Measured batch times within this factor of their profiled estimate leave plans to the
+#: profiles (and plans stay a pure function of config and seed); beyond it, the plugin
+#: plans with the measured ratio per (model, worker).
+DRIFT_TOLERANCE = 1.3
+#: Weight of the newest batch in the running ratio of measured to profiled time.
+DRIFT_WEIGHT = 0.3
 
 
 @dataclass
@@ -144,6 +151,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.last_activity = 0.0
         self.live_timeout_s = LIVE_TIMEOUT_S
         self._lock = asyncio.Lock()
+        # score key -> (global model index, worker address, estimated seconds), until the
+        # driver reports the batch's measured time; and the running ratios it feeds.
+        self.booked: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
+        self.drift: dict[tuple[int, str], float] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="serif-plan")
         for address in list(self.scheduler.workers):
             self._track_worker(address)
@@ -268,6 +279,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.config, self.config_bytes, self.run_id = parsed, config, run_id
         self.ended = False
         self.last_activity = time.time()
+        self.booked.clear()
+        self.drift.clear()
         self.live_timeout_s = max(LIVE_TIMEOUT_S,
                                   5 * max(a.sample_duration + 2 * a.sla_latency
                                           for a in parsed.apps))
@@ -484,11 +497,23 @@ class SerifSchedulerPlugin(SchedulerPlugin):
 
     def report(self, app: str, outcomes: dict[str, int], reasons: dict[str, int],
                utility: float, deadline_met: int, latencies: list[float],
-               run_id: str | None = None) -> None:
-        """The driver reports finished requests, for live metrics."""
+               run_id: str | None = None, batches: list[list] | None = None) -> None:
+        """The driver reports finished requests, for live metrics, and each score batch's
+        measured seconds (``[key, seconds]``), which teach the planner real latencies."""
         if run_id is not None and run_id != self.run_id:
             return  # a replaced run's last ticks: not this run's metrics
         self.last_activity = time.time()
+        for key, seconds in batches or ():
+            booked = self.booked.pop(key, None)
+            if booked is None or booked[2] <= 0:
+                continue
+            m, address, estimate = booked
+            # The estimate already used the ratio in force: the new ratio compounds it.
+            current = self.drift.get((m, address), 1.0)
+            planned_with = current if abs(math.log(current)) > math.log(DRIFT_TOLERANCE) \
+                else 1.0
+            ratio = planned_with * float(seconds) / estimate
+            self.drift[(m, address)] = (1 - DRIFT_WEIGHT) * current + DRIFT_WEIGHT * ratio
         metrics = self.metrics.get(app)
         if metrics is None:
             return
@@ -592,7 +617,14 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             # Where reality ran behind the plan, the logical clock catches up with it, so
             # it does not fall behind again the moment the overdue batches finish.
             s.busy_until = max(s.busy_until, now + float(b))
+        drift = np.ones((table.n_models, len(compute)))
+        for (m, address), ratio in self.drift.items():
+            if abs(math.log(ratio)) > math.log(DRIFT_TOLERANCE):
+                for w, s in enumerate(compute):
+                    if s.address == address:
+                        drift[m, w] = ratio
         return WorkerView(
+            drift=drift if (drift != 1.0).any() else None,
             addresses=tuple(s.address for s in compute),
             node_index=np.asarray([table.node_names.index(s.node) for s in compute], dtype=int),
             host_node=tuple(s.host_node for s in compute),
@@ -629,6 +661,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 + float(problem.retrieval[chunk, m, w].max())
                 + len(chunk) * problem.infer[m, w]
             )
+            self.booked[key] = (m, view.addresses[w], float(duration))
+            while len(self.booked) > 4096:
+                self.booked.popitem(last=False)
             if state is not None:
                 state.busy_until = max(state.busy_until, problem.now) + float(duration)
                 state.pending[key] = (state.busy_until, float(duration))

@@ -147,3 +147,23 @@ def test_policy_leaves_a_request_to_the_peek_when_a_model_adds_nothing() -> None
     plan = SneakPeekPolicy()(p)
     np.testing.assert_array_equal(plan.model != DROP, np.arange(30) < 5)
     np.testing.assert_allclose(p.drop_utility, np.maximum(0.0, peek))
+
+
+def test_measured_drift_scales_the_planned_inference_time() -> None:
+    """Where measured batch times disagree with the profile, plans use the measured ratio."""
+    from serif_dask.config import load_config
+    from serif_dask.planning import ModelTable, WorkerView, build_problem
+    from tests.conftest import HOSPITAL
+
+    table = ModelTable.from_config(load_config([HOSPITAL]))
+    app = table.apps[0]
+    w = 2
+    drift = np.ones((table.n_models, w))
+    drift[app.models[-1], 1] = 3.0  # the big model runs 3x its profile on worker 1
+    views = [WorkerView(addresses=("a", "b"), node_index=np.array([0, 1]),
+                        host_node=("a", "b"), backlog=np.zeros(w),
+                        warm=np.zeros((w, table.n_models), bool), drift=d)
+             for d in (None, drift)]
+    problems = [build_problem(table, app, np.arange(3), np.zeros(3), np.tile(app.prior, (3, 1)),
+                              {}, v, 0.0, np.random.default_rng(0)) for v in views]
+    np.testing.assert_allclose(problems[1].infer, problems[0].infer * drift)
