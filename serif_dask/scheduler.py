@@ -34,6 +34,8 @@ DATA_PREFIX = "data@"
 #: from the real queues instead of its logical clock (and decisions stop being a pure
 #: function of config and seed).
 SLACK_SLA_FRACTION = 0.5
+#: Workers that left, remembered for the dashboard: the most recent ones only.
+LOST_WORKERS_KEPT = 256
 
 
 @dataclass
@@ -160,6 +162,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             state = self.workers.pop(worker, None)
             if state is not None:
                 self.lost_workers[worker] = time.time()
+                while len(self.lost_workers) > LOST_WORKERS_KEPT:  # a run with churn
+                    del self.lost_workers[next(iter(self.lost_workers))]
                 for key in state.pending:
                     self.pending.pop(key, None)
                 closing = self.scheduler.status.name in ("closing", "closed")
