@@ -22,7 +22,10 @@ half), ``over_first_half_peak_mb`` per process (second-half max minus first-half
 size on disk (``--records-max-bytes`` rotates them), the processes ``/metrics`` reports
 and ``targets``: total slope <= 1 MB/min and no process > 50 MB above its first-half peak.
 ``--trace`` also runs tracemalloc in every process and reports the allocation sites that
-grew most between the middle and the end. ``--plot FILE`` draws the RSS series.
+grew most between the middle and the end; its snapshots run on each process's event loop
+and stall it for seconds (on a loaded 2-core machine the driver lost its scheduler), so use
+it at low rates. Object counts by type (``gc``) are taken after warm-up, at half-time and at
+the end. ``--plot FILE`` draws the RSS series.
 
 ``--quick`` runs 5 minutes, the default 30. Needs the test extras (psutil).
 """
@@ -56,10 +59,19 @@ from serif_dask.memory import scheduler_sizes, worker_sizes  # noqa: E402
 CONFIGS = {"hospital": ROOT / "configs" / "hospital", "digits": ROOT / "configs" / "digits"}
 
 
-def derive(base: Path, target: Path, k: float, min_sla: float) -> tuple[Path, dict[str, Any]]:
+#: ``--small-inputs``: thumbnails for the synthetic modalities (as bench/overload.py uses).
+SMALL = {"video": [3, 2, 4, 4], "audio": [64]}
+
+
+def derive(base: Path, target: Path, k: float, min_sla: float,
+           small: bool = False) -> tuple[Path, dict[str, Any]]:
     """``base`` with ticks K times faster; returns the directory and what was changed."""
     docs = copy.deepcopy(load_docs(base))
     changed: dict[str, Any] = {}
+    for mod in docs["data"]["data-modalities"]:
+        if small and mod.get("use-synthetic-data", False) and mod["name"] in SMALL:
+            mod["synthetic-shape"] = SMALL[mod["name"]]
+            changed.setdefault("small_inputs", {})[mod["name"]] = SMALL[mod["name"]]
     for app in docs["application"]["applications"]:
         period = float(app["sample-duration"]) / k
         sla = max(float(app["sla-latency"]) / k, min_sla)
@@ -119,14 +131,16 @@ def trace_mark() -> bool:
 
     if not tracemalloc.is_tracing():
         return False
-    globals()["_serif_mark"] = tracemalloc.take_snapshot()
+    # Kept on the module: this function reaches the process pickled by value, with
+    # globals of its own on every call.
+    tracemalloc._serif_mark = tracemalloc.take_snapshot()  # type: ignore[attr-defined]
     return True
 
 
 def trace_growth(top: int = 8) -> list[str]:
     import tracemalloc
 
-    mark = globals().get("_serif_mark")
+    mark = getattr(tracemalloc, "_serif_mark", None)
     if mark is None or not tracemalloc.is_tracing():
         return []
     now = tracemalloc.take_snapshot().filter_traces(
@@ -220,6 +234,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", default="hospital", help="hospital, digits or a directory")
     parser.add_argument("--min-sla", type=float, default=0.25, help="floor of scaled SLAs, s")
     parser.add_argument("--every", type=float, default=None, help="seconds between samples")
+    parser.add_argument("--small-inputs", action="store_true",
+                        help="thumbnail synthetic samples, for a machine that cannot make "
+                        "K times the config's video")
     parser.add_argument("--records-max-bytes", default="16MB",
                         help="rotate the records file at this size (serif-dask run's option)")
     parser.add_argument("--trace", action="store_true", help="tracemalloc in every process")
@@ -232,7 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     bench_started = time.time()
     with tempfile.TemporaryDirectory(prefix="serif-bench-soak-") as tmp:
-        config_dir, changed = derive(base, Path(tmp) / "config", args.rate_scale, args.min_sla)
+        config_dir, changed = derive(base, Path(tmp) / "config", args.rate_scale,
+                                     args.min_sla, args.small_inputs)
         records = Path(tmp) / "records.jsonl"
         summary_path = Path(tmp) / "summary.json"
         port = free_port()
@@ -335,6 +353,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "config": args.config,
         "rate_scale": args.rate_scale,
+        "small_inputs": args.small_inputs,
         "minutes": minutes,
         "every_s": every,
         "apps": changed,

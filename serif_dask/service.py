@@ -34,8 +34,9 @@ SETTINGS: dict[str, Any] = {
     # (Dask: 100000, ~1 KB each): 10000 is minutes of a busy run.
     "distributed.scheduler.dashboard.tasks.task-stream-length": 10_000,
     # The statistical profiler keeps one call tree per second for the last
-    # low-level-log-length (1000) seconds on every worker, tens of MB of frames once
-    # full, and samples every 10 ms on a thread of its own: off for serving.
+    # low-level-log-length (1000) seconds on every worker (0.3-1.1 KB each pickled on
+    # the hospital ward, so MBs once full, growing for the first 17 minutes), and
+    # samples every 10 ms on a thread of its own: off for serving.
     "distributed.worker.profile.enabled": False,
 }
 
