@@ -23,7 +23,10 @@ from distributed.protocol.pickle import loads
 
 from serif_dask.config import ResultsStream, SerifConfig, load_config
 from serif_dask.driver import Driver, RunOptions, peek_modality
+from serif_dask.memory import report_memory
+from serif_dask.records import Rotation
 from serif_dask.scheduler import install as install_scheduler_plugin
+from serif_dask.service import keep_task_groups
 from serif_dask.submit import check_request, submit_task
 from serif_dask.tasks import fit_task
 from serif_dask.worker import SerifWorkerPlugin
@@ -60,7 +63,8 @@ class Serif:
     """serif-dask on the cluster behind ``client``: installs the plugins, runs the ticks.
 
     ``results_stream`` names a Redis stream that receives every record of a run (it
-    overrides the key of the system config's ``results-stream``).
+    overrides the key of the system config's ``results-stream``); ``records_rotation``
+    rotates the ``records`` file (:class:`serif_dask.records.Rotation`).
     """
 
     def __init__(
@@ -72,6 +76,7 @@ class Serif:
         data_aware: bool | None = None,
         seed: int | None = None,
         records: str | Path | None = None,
+        records_rotation: Rotation | None = None,
         on_records: Callable[[list[dict[str, Any]]], None] | None = None,
         results_stream: str | None = None,
         replace: bool = False,
@@ -85,6 +90,7 @@ class Serif:
         self.data_aware = config.system.data_aware if data_aware is None else data_aware
         self.seed = resolve_seed(seed, config)
         self.records = Path(records) if records else None
+        self.records_rotation = records_rotation
         self.on_records = on_records
         self.replace = replace  # end another live run on the scheduler rather than refuse
         self.results_stream: ResultsStream | None = config.system.results_stream
@@ -146,6 +152,7 @@ class Serif:
             data_aware=bool(self.data_aware),
             seed=self.seed,
             records_path=self.records,
+            records_rotation=self.records_rotation,
             on_records=self.on_records,
             stop_grace_s=stop_grace_s,
             replace=self.replace,
@@ -164,9 +171,16 @@ class Serif:
             options = dataclasses.replace(options, on_records=_both(sink.put, self.on_records))
         self._adhoc = None  # this run replaces any ad-hoc one on the scheduler
         self.driver = Driver(self.client, self.config, options)
+        # Held for the run: Dask then keeps one task group per kind of tick task, instead
+        # of a new one per tick kept for ever (serif_dask.service).
+        anchors = keep_task_groups(self.client, self.driver.run_id)
+        reporter = asyncio.create_task(report_memory(self.client, self.driver.run_id))
         try:
             self._summary = await self.driver.run(progress)
         finally:
+            reporter.cancel()
+            for anchor in anchors:
+                anchor.release()
             if sink is not None:
                 await loop.run_in_executor(None, sink.close)
         return self._summary
@@ -179,7 +193,8 @@ class Serif:
 
         handle = self._redis
         return StreamSink(lambda: handle.connect(socket_timeout=5.0),
-                          self.results_stream.key, self.results_stream.maxlen)
+                          self.results_stream.key, self.results_stream.maxlen,
+                          max_age_s=self.results_stream.max_age_s)
 
     def run(self, duration: float | None = None) -> dict:
         """Blocking form of :meth:`run_async`."""

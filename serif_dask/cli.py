@@ -82,6 +82,13 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
               help="Write the summary JSON here.")
 @click.option("--records", type=click.Path(dir_okay=False), default=None,
               help="Write one JSON line per request here.")
+@click.option("--records-max-bytes", metavar="SIZE", default=None,
+              help="Rotate the records file when it reaches SIZE (e.g. 100MB): it becomes "
+              "FILE.1, the previous FILE.1 becomes FILE.2, and so on.")
+@click.option("--records-rotate-every", metavar="DURATION", default=None,
+              help="Rotate the records file this long after it was opened (e.g. 1h, 1d).")
+@click.option("--records-keep", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Rotated records files to keep (older ones are deleted).")
 @click.option("--results-stream", metavar="KEY", default=None,
               help="Also XADD every record to this Redis stream (maxlen from the system "
               "config's results-stream, else 10000).")
@@ -97,6 +104,7 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
 def run(
     config: tuple[str, ...], duration: float | None, policy: str | None,
     data_aware: bool | None, seed: int | None, json_path: str | None, records: str | None,
+    records_max_bytes: str | None, records_rotate_every: str | None, records_keep: int,
     results_stream: str | None,
     simulate: bool, scheduler_address: str | None, dashboard_address: str | None,
     replace: bool, quiet: bool,
@@ -110,6 +118,7 @@ def run(
             get_policy(policy)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--policy") from None
+    rotation = _rotation(records, records_max_bytes, records_rotate_every, records_keep)
     from serif_dask.runner import run_deployment
 
     summary, status = asyncio.run(
@@ -120,6 +129,7 @@ def run(
             data_aware=data_aware,
             seed=seed,
             records=Path(records) if records else None,
+            records_rotation=rotation,
             results_stream=results_stream,
             scheduler_address=scheduler_address,
             dashboard_address=dashboard_address,
@@ -133,6 +143,35 @@ def run(
         click.echo(format_summary(summary))
     if status:
         sys.exit(status)
+
+
+def _rotation(
+    records: str | None, max_bytes: str | None, every: str | None, keep: int
+) -> Any:
+    """The records file's rotation from the command line (None: never rotated)."""
+    from dask.utils import parse_bytes, parse_timedelta
+
+    from serif_dask.records import Rotation
+
+    if max_bytes is None and every is None:
+        return None
+    if records is None:
+        raise click.UsageError("--records-max-bytes and --records-rotate-every need --records")
+    try:
+        size = parse_bytes(max_bytes) if max_bytes is not None else None
+    except (ValueError, TypeError):
+        raise click.BadParameter(f"{max_bytes!r} is not a size such as 100MB",
+                                 param_hint="--records-max-bytes") from None
+    try:
+        seconds = parse_timedelta(every, default="s") if every is not None else None
+    except (ValueError, TypeError, KeyError):
+        raise click.BadParameter(f"{every!r} is not a duration such as 1h",
+                                 param_hint="--records-rotate-every") from None
+    try:
+        return Rotation(max_bytes=size, every_s=seconds, keep=keep)
+    except ValueError as exc:
+        hint = "--records-max-bytes" if "bytes" in str(exc) else "--records-rotate-every"
+        raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
 @cli.group()

@@ -3,7 +3,8 @@
 ``serif-dask run`` without ``--scheduler-address`` starts it: a LocalCluster (processes)
 whose workers are named after the config's compute nodes (``resources={"GPU": 1}``) and
 request-generating servers (``data@<server>``, ``resources={"DATA": 1}``). Each worker's
-``SERIF_NODE`` is its config name, so one machine stands in for several nodes.
+``SERIF_NODE`` is its config name, so one machine stands in for several nodes. The
+scheduler and the workers get the long-running settings of :mod:`serif_dask.service`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from distributed import LocalCluster, Nanny
 
 from serif_dask.config import SerifConfig
 from serif_dask.scheduler import DATA_PREFIX
+from serif_dask.service import service_config, worker_config
 
 
 def worker_specs(config: SerifConfig) -> dict[str, dict[str, Any]]:
@@ -55,16 +57,23 @@ def _new_cluster(
 
 def _add_workers(cluster: LocalCluster, config: SerifConfig) -> None:
     base = dict(cluster.new_spec["options"])
+    dask_config = worker_config()
     for name, spec in worker_specs(config).items():
-        options = {**base, **spec, "preload": ["serif_dask.worker"]}
+        options = {**base, **spec, "preload": ["serif_dask.worker"], "config": dask_config}
         cluster.worker_spec[name] = {"cls": Nanny, "options": options}
 
 
 def local_cluster(
     config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40
 ) -> LocalCluster:
-    """A LocalCluster with exactly the config's workers, for ``Client(local_cluster(cfg))``."""
-    cluster = _new_cluster(config, False, dashboard_address, silence_logs)
+    """A LocalCluster with exactly the config's workers, for ``Client(local_cluster(cfg))``.
+
+    The scheduler reads most of its settings when it starts; a few (the dashboard's task
+    stream) only when first used, so a process hosting it for long also wants
+    ``dask.config.set(serif_dask.service.service_settings())`` (``serif-dask run`` does).
+    """
+    with service_config():
+        cluster = _new_cluster(config, False, dashboard_address, silence_logs)
     try:
         _add_workers(cluster, config)
         cluster.sync(cluster._correct_state)
@@ -79,7 +88,8 @@ async def start_local_cluster(
     config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40
 ) -> LocalCluster:
     """The asynchronous form of :func:`local_cluster`."""
-    cluster = await _new_cluster(config, True, dashboard_address, silence_logs)
+    with service_config():
+        cluster = await _new_cluster(config, True, dashboard_address, silence_logs)
     try:
         _add_workers(cluster, config)
         await cluster._correct_state()

@@ -410,10 +410,14 @@ class RedisSettings(_Frozen):
 
 class ResultsStream(_Frozen):
     """Extension ``results-stream``: every request record is also appended (``XADD``) to
-    this Redis stream of the run's Redis, trimmed to about ``maxlen`` entries."""
+    this Redis stream of the run's Redis, trimmed to about ``maxlen`` entries and, with
+    ``max-age-s``, to the entries of that many seconds (the stream key itself expires
+    that long after the last write)."""
 
     key: Name = Field("serif:results", description="Redis key of the stream.")
     maxlen: PositiveInt = Field(10000, description="Entries kept (approximate trimming).")
+    max_age_s: Positive | None = Field(
+        None, description="Entries older than this are trimmed; the key expires after it.")
 
 
 def _known_policies() -> set[str]:

@@ -39,8 +39,12 @@ def register(scheduler: Scheduler, plugin: SerifSchedulerPlugin) -> bool:
     Idempotent: a second plugin on the same scheduler reuses the page, which always
     reads whichever plugin is installed under ``"serif"``.
     """
-    from serif_dask import metrics
+    from serif_dask import memory, metrics
 
+    try:
+        memory.install(scheduler)
+    except Exception:
+        logger.exception("serif: could not sample the processes' memory")
     try:
         metrics.register(plugin)
     except Exception:
@@ -250,6 +254,23 @@ class SerifPage:
                               source=self.reasons_source)
         self.reasons_fig.add_tools(HoverTool(tooltips=[("", "@label"), ("n", "@count")]))
 
+        self.memory_fig = figure(title="Resident memory per process (MB)",
+                                 x_axis_type="datetime", **common)
+        self.memory_fig.yaxis.axis_label = "MB"
+        self.memory_sources: dict[str, ColumnDataSource] = {}
+        self.memory_source = ColumnDataSource(
+            {"name": [], "role": [], "mb": []}, name="serif-memory")
+        self.memory_table = DataTable(
+            source=self.memory_source, height=180, sizing_mode="stretch_width",
+            index_position=None,
+            columns=[
+                TableColumn(field="name", title="process"),
+                TableColumn(field="role", title="role"),
+                TableColumn(field="mb", title="resident MB",
+                            formatter=NumberFormatter(format="0,0.0")),
+            ],
+        )
+
         self.root = column(
             self.header,
             self.apps_table,
@@ -258,6 +279,7 @@ class SerifPage:
             self.pi_fig,
             row(self.workers_table, self.backlog_fig, sizing_mode="stretch_width"),
             self.reasons_fig,
+            row(self.memory_table, self.memory_fig, sizing_mode="stretch_width"),
             sizing_mode="stretch_width",
         )
 
@@ -380,7 +402,39 @@ class SerifPage:
             self.reasons_fig.y_range.factors = labels
         self.reasons_source.data = {"label": labels, "count": counts}
 
+        self._update_memory()
         self.header.text = self._header(plugin, decisions)
+
+    def _update_memory(self) -> None:
+        """Each serif process's resident memory now, and its sampled history."""
+        from serif_dask.memory import history
+
+        hist = history(self.scheduler)
+        now = hist.current(self.scheduler)
+        self.memory_source.data = {
+            "name": [p.name for p in now],
+            "role": [p.role for p in now],
+            "mb": [p.rss / 2**20 for p in now],
+        }
+        for i, (name, samples) in enumerate(sorted(hist.samples.items())):
+            source = self.memory_sources.get(name)
+            if source is None:
+                source = self._add_memory_line(name, self.palette[i % len(self.palette)])
+            source.data = {"t": [t * 1000.0 for t, _ in samples],
+                           "mb": [rss / 2**20 for _, rss in samples]}
+        for name, source in self.memory_sources.items():
+            if name not in hist.samples and len(source.data["t"]):
+                source.data = {"t": [], "mb": []}
+
+    def _add_memory_line(self, name: str, color: str) -> Any:
+        from bokeh.models import ColumnDataSource
+
+        source = ColumnDataSource({"t": [], "mb": []}, name=f"serif-memory-{name}")
+        self.memory_fig.line(x="t", y="mb", source=source, color=color, legend_label=name)
+        self.memory_fig.legend.location = "top_left"
+        self.memory_fig.legend.click_policy = "hide"
+        self.memory_sources[name] = source
+        return source
 
     def _add_timeline(self, app: str, color: str) -> Any:
         from bokeh.models import ColumnDataSource

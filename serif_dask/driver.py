@@ -25,7 +25,15 @@ from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.config import Application, SerifConfig
 from serif_dask.errors import RunRefused
-from serif_dask.records import PEEK_MODEL, Chunk, RecordLog, completed_utility, summary
+from serif_dask.records import (
+    PEEK_MODEL,
+    Chunk,
+    DecisionTimes,
+    RecordLog,
+    Rotation,
+    completed_utility,
+    summary,
+)
 from serif_dask.tasks import (
     export_task,
     fit_task,
@@ -64,6 +72,7 @@ class RunOptions:
     data_aware: bool
     seed: int
     records_path: Path | None = None
+    records_rotation: Rotation | None = None
     on_records: Callable[[list[dict[str, Any]]], None] | None = None
     stop_grace_s: float = 3.0
     redis: dict[str, Any] | None = field(default=None, repr=False)  # nodes and password
@@ -78,7 +87,7 @@ class RunOptions:
 class RunStats:
     ticks: int = 0
     ticks_late: int = 0
-    decision_ms: list[float] = field(default_factory=list)
+    decision_ms: DecisionTimes = field(default_factory=DecisionTimes)  # bounded
     #: "app/model" -> [planned seconds, measured seconds, requests] over its batches
     latency_drift: dict[str, list] = field(default_factory=dict)
 
@@ -180,7 +189,7 @@ class Driver:
         self.config = config
         self.options = options
         self.run_id = uuid.uuid4().hex[:8]
-        self.log = RecordLog(options.records_path)
+        self.log = RecordLog(options.records_path, options.records_rotation)
         self.stats = RunStats()
         self.stop_event = asyncio.Event()
         self.estimators: dict[str, Future] = {}

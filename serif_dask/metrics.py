@@ -256,6 +256,12 @@ class SerifCollector:
             "Work booked on a compute worker that the plugin expects to be still queued",
             labels=["worker"],
         )
+        resident = GaugeMetricFamily(
+            "serif_process_resident_bytes",
+            "Resident memory of each serif process: the scheduler (with the driver in "
+            "serif-dask run), other drivers, and every worker (from its heartbeat)",
+            labels=["process", "role"],
+        )
         if plugin is not None:
             tel = telemetry(plugin)
             for app, m in sorted(plugin.metrics.items()):
@@ -272,4 +278,9 @@ class SerifCollector:
                 if worker["role"] == "compute":
                     warm.add_metric([worker["name"]], len(worker["warm"]))
                     backlog.add_metric([worker["name"]], worker["backlog"])
-        yield from (requests, utility, met, reasons, latency, decision, warm, backlog)
+            from serif_dask.memory import history
+
+            for proc in history(plugin.scheduler).current(plugin.scheduler):
+                resident.add_metric([proc.name, proc.role], proc.rss)
+        yield from (requests, utility, met, reasons, latency, decision, warm, backlog,
+                    resident)

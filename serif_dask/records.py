@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +93,16 @@ def completed_utility(
 class LatencySketch:
     """Latencies of completed requests, exact up to ``exact_cap`` values, then binned.
 
-    Exact percentiles for every run of ordinary length; a run with no end keeps a fixed
-    log-spaced histogram instead (100 bins per decade from 1 µs to 10⁴ s, so a percentile
-    is off by at most ~1.2%), and memory stays bounded.
+    Exact percentiles up to 65536 values (512 KB); past them a fixed log-spaced histogram
+    (100 bins per decade from 1 µs to 10⁴ s, so a percentile is off by at most ~1.2%),
+    so a run with no end stays in bounded memory: a run keeps one per application and
+    one in total, and a larger cap would take minutes of a busy run to fill, which reads
+    as growth.
     """
 
     EDGES = np.logspace(-6, 4, 1001)
 
-    def __init__(self, exact_cap: int = 1 << 20) -> None:
+    def __init__(self, exact_cap: int = 1 << 16) -> None:
         self.exact_cap = exact_cap
         self._values = np.empty(1024)
         self._n = 0
@@ -140,6 +143,26 @@ class LatencySketch:
             i = int(np.searchsorted(cum, q / 100.0 * cum[-1], side="left"))
             out[f"p{q}"] = float(mids[min(i, mids.size - 1)] * 1000.0)
         return out
+
+
+class DecisionTimes:
+    """The policy's decision time per plan (ms): the exact maximum, the rest sketched, so
+    a run with no end keeps a bounded record of them."""
+
+    def __init__(self) -> None:
+        self.sketch = LatencySketch()
+        self.max: float | None = None
+
+    def append(self, ms: float) -> None:
+        self.sketch.add(np.asarray([ms / 1000.0], dtype=float))  # the sketch holds seconds
+        self.max = ms if self.max is None else max(self.max, ms)
+
+    def __len__(self) -> int:
+        return len(self.sketch)
+
+    def result(self) -> dict[str, float | None]:
+        """``{"p50", "max"}`` in ms, as the summary reports them."""
+        return {"p50": self.sketch.percentiles_ms((50,))["p50"], "max": self.max}
 
 
 @dataclass
@@ -220,22 +243,60 @@ class Tally:
         }
 
 
+@dataclass(frozen=True)
+class Rotation:
+    """When a records file is rotated, and how many rotated files are kept.
+
+    The file rotates once it reaches ``max_bytes``, or ``every_s`` seconds after it was
+    opened, whichever comes first; ``records.jsonl`` becomes ``records.jsonl.1`` (the
+    previous ``.1`` becomes ``.2``, and so on) and anything past ``.<keep>`` is deleted,
+    so the records take at most ``(keep + 1) × max_bytes`` of disk (plus one chunk).
+    A chunk's lines are never split between two files.
+    """
+
+    max_bytes: int | None = None
+    every_s: float | None = None
+    keep: int = 5
+
+    def __post_init__(self) -> None:
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        if self.every_s is not None and self.every_s <= 0:
+            raise ValueError("every_s must be positive")
+        if self.keep < 0:
+            raise ValueError("keep must be 0 or more")
+
+    def due(self, size: int, age_s: float) -> bool:
+        return (self.max_bytes is not None and size >= self.max_bytes) or (
+            self.every_s is not None and age_s >= self.every_s)
+
+
+def rotated_paths(path: Path, keep: int) -> list[Path]:
+    """``path`` and its rotated files, newest first (``path``, ``path.1`` .. ``path.keep``)."""
+    return [path, *(path.with_name(f"{path.name}.{i}") for i in range(1, keep + 1))]
+
+
 @dataclass
 class RecordLog:
     """Every request of a run: streamed to a JSONL file as recorded, tallied for the summary.
 
-    Records are not kept in memory, so a run without an end stays in bounded memory.
+    Records are not kept in memory, so a run without an end stays in bounded memory; with
+    a :class:`Rotation` the file is rotated, so its disk is bounded too.
     """
 
     path: Path | None = None
+    rotation: Rotation | None = None
     totals: Tally = field(default_factory=Tally)
     per_app: dict[str, Tally] = field(default_factory=dict)
+    rotations: int = 0
     _file: IO[str] | None = None
+    _opened: float = 0.0
 
     def open(self) -> None:
         if self.path is not None and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             self._file = os.fdopen(fd, "w", encoding="utf-8")
+            self._opened = time.monotonic()
 
     def add_beliefs(self, app: str, labels: np.ndarray, pi: np.ndarray, prior: np.ndarray,
                     single: np.ndarray | None) -> None:
@@ -249,6 +310,25 @@ class RecordLog:
         self.per_app.setdefault(chunk.app, Tally()).add(chunk)
         if self._file is not None:
             self._file.write("".join(json.dumps(row) + "\n" for row in chunk.rows()))
+            if self.rotation is not None and self.rotation.due(
+                    self._file.tell(), time.monotonic() - self._opened):
+                self.rotate()
+
+    def rotate(self) -> None:
+        """Close the file, shift the rotated ones by one (dropping the oldest), reopen."""
+        if self.path is None or self._file is None or self.rotation is None:
+            return
+        self.close()
+        paths = rotated_paths(self.path, self.rotation.keep)
+        if self.rotation.keep == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            paths[-1].unlink(missing_ok=True)
+            for older, newer in zip(reversed(paths[1:]), reversed(paths[:-1]), strict=True):
+                if newer.exists():
+                    newer.rename(older)
+        self.rotations += 1
+        self.open()
 
     def flush(self) -> None:
         if self._file is not None:
@@ -273,15 +353,18 @@ def summarise(chunks: list[Chunk]) -> dict[str, Any]:
 
 def summary(
     log: RecordLog, *, policy: str, data_aware: bool, ticks: int,
-    decision_ms: list[float], extra: dict[str, Any] | None = None,
+    decision_ms: DecisionTimes | list[float], extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run summary of DESIGN.md, with ``per_app`` and the invariant checked."""
     result = log.totals.result()
-    decisions = np.asarray(decision_ms, dtype=float)
-    result["decision_ms"] = {
-        "p50": float(np.percentile(decisions, 50)) if decisions.size else None,
-        "max": float(decisions.max()) if decisions.size else None,
-    }
+    if isinstance(decision_ms, DecisionTimes):
+        result["decision_ms"] = decision_ms.result()
+    else:
+        decisions = np.asarray(decision_ms, dtype=float)
+        result["decision_ms"] = {
+            "p50": float(np.percentile(decisions, 50)) if decisions.size else None,
+            "max": float(decisions.max()) if decisions.size else None,
+        }
     result["policy"] = policy
     result["data_aware"] = data_aware
     result["ticks"] = ticks

@@ -19,7 +19,8 @@ from serif_dask.api import Serif
 from serif_dask.config import SerifConfig
 from serif_dask.driver import RunStats
 from serif_dask.errors import RunFailed
-from serif_dask.records import RecordLog
+from serif_dask.records import RecordLog, Rotation
+from serif_dask.service import service_config
 
 logger = logging.getLogger("serif_dask.runner")
 
@@ -59,6 +60,7 @@ async def run_deployment(
     data_aware: bool | None,
     seed: int | None,
     records: Path | None,
+    records_rotation: Rotation | None = None,
     results_stream: str | None = None,
     scheduler_address: str | None,
     dashboard_address: str | None,
@@ -76,6 +78,10 @@ async def run_deployment(
     serif: Serif | None = None
     stopped: dict[int, int] = {}
     status = 0
+    # A service: Dask's long-running settings hold for this whole process (the local
+    # scheduler reads some of them only when first used, e.g. the dashboard's task stream).
+    settings = contextlib.ExitStack()
+    settings.enter_context(service_config())
     try:
         stopped = install_signal_handlers(lambda: serif.stop() if serif else None)
         if scheduler_address:
@@ -98,7 +104,8 @@ async def run_deployment(
             return None, _signal_status(stopped)
         serif = Serif(
             client, config, policy=policy, data_aware=data_aware, seed=seed, records=records,
-            results_stream=results_stream, replace=replace,
+            records_rotation=records_rotation, results_stream=results_stream,
+            replace=replace,
         )
         await serif.install()
         bar = _Progress() if progress else None
@@ -135,6 +142,7 @@ async def run_deployment(
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
+        settings.close()
 
 
 def _signal_status(stopped: dict[int, int]) -> int:

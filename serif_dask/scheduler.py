@@ -45,6 +45,8 @@ LIVE_TIMEOUT_S = 60.0
 DRIFT_TOLERANCE = 1.3
 #: Weight of the newest batch in the running ratio of measured to profiled time.
 DRIFT_WEIGHT = 0.3
+#: Workers that left, remembered for the dashboard: the most recent ones only.
+LOST_WORKERS_KEPT = 256
 
 
 @dataclass
@@ -182,6 +184,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             state = self.workers.pop(worker, None)
             if state is not None:
                 self.lost_workers[worker] = time.time()
+                while len(self.lost_workers) > LOST_WORKERS_KEPT:  # a run with churn
+                    del self.lost_workers[next(iter(self.lost_workers))]
                 for key in state.pending:
                     self.pending.pop(key, None)
                 closing = self.scheduler.status.name in ("closing", "closed")

@@ -1,7 +1,10 @@
 """A results sink: every request record appended to a Redis stream, for live consumers.
 
 ``XADD key MAXLEN ~ maxlen`` per record, one pipeline per recorded chunk, from a background
-thread fed through a bounded queue: the driver's event loop only enqueues. The stream is a
+thread fed through a bounded queue: the driver's event loop only enqueues. With a maximum
+age, each pipeline also trims entries older than it (``XTRIM MINID``: stream ids are
+milliseconds) and sets the key to expire that long after its last write, so a stream left
+behind by a stopped run goes away too. The stream is a
 side channel: when Redis fails or falls behind, the sink logs one warning and drops stream
 entries, never a record of the run (the JSONL file and the summary have them all).
 """
@@ -12,6 +15,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -37,10 +41,11 @@ class StreamSink:
 
     def __init__(
         self, connect: Callable[[], Any], key: str, maxlen: int, *,
-        queue_chunks: int = QUEUE_CHUNKS,
+        max_age_s: float | None = None, queue_chunks: int = QUEUE_CHUNKS,
     ) -> None:
         self.key = key
         self.maxlen = int(maxlen)
+        self.max_age_s = max_age_s
         self.written = 0
         self.dropped = 0
         self._connect = connect
@@ -85,6 +90,10 @@ class StreamSink:
                 pipe = self._redis.pipeline(transaction=False)
                 for fields in batch:
                     pipe.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)
+                if self.max_age_s is not None:
+                    oldest_ms = int((time.time() - self.max_age_s) * 1000)
+                    pipe.xtrim(self.key, minid=f"{max(oldest_ms, 0)}-0", approximate=False)
+                    pipe.expire(self.key, max(1, int(self.max_age_s + 0.5)))
                 pipe.execute()
                 self.written += len(batch)
             except Exception as exc:

@@ -12,6 +12,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -75,31 +76,38 @@ class ModelCache:
 class LocalInputs:
     """Samples kept in this worker's memory until its own peek task takes them.
 
-    Bounded in bytes: when peeks fall behind, the oldest reads go first (their peek then
-    sees no samples and the plan uses the prior for those groups).
+    Bounded in bytes and in age: when peeks fall behind, the oldest reads go first (their
+    peek then sees no samples and the plan uses the prior for those groups), and a read
+    whose peek never came (cancelled with its tick) goes once it is ``max_age_s`` old,
+    rather than sitting there until the bytes run out.
     """
 
-    def __init__(self, capacity_bytes: int = 512 << 20):
+    def __init__(self, capacity_bytes: int = 512 << 20, max_age_s: float = 60.0):
         self.capacity = capacity_bytes
-        self._items: OrderedDict[str, Any] = OrderedDict()
+        self.max_age_s = max_age_s
+        self._items: OrderedDict[str, tuple[Any, float]] = OrderedDict()
         self._nbytes = 0
         self._lock = threading.Lock()
 
     def put(self, ident: tuple, samples: Any) -> str:
         key = "-".join(map(str, ident))
+        now = time.monotonic()
         with self._lock:
-            old = self._items.pop(key, None)
+            old, _ = self._items.pop(key, (None, 0.0))
             self._nbytes -= getattr(old, "nbytes", 0)
-            self._items[key] = samples
+            self._items[key] = (samples, now)
             self._nbytes += getattr(samples, "nbytes", 0)
-            while self._nbytes > self.capacity and len(self._items) > 1:
-                _, dropped = self._items.popitem(last=False)
+            while len(self._items) > 1 and (
+                self._nbytes > self.capacity
+                or next(iter(self._items.values()))[1] < now - self.max_age_s
+            ):
+                _, (dropped, _) = self._items.popitem(last=False)
                 self._nbytes -= getattr(dropped, "nbytes", 0)
         return key
 
     def pop(self, key: str) -> Any | None:
         with self._lock:
-            samples = self._items.pop(key, None)
+            samples, _ = self._items.pop(key, (None, 0.0))
             self._nbytes -= getattr(samples, "nbytes", 0)
             return samples
 
@@ -107,6 +115,13 @@ class LocalInputs:
         with self._lock:
             self._items.clear()
             self._nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
 
 
 class SerifWorkerPlugin(WorkerPlugin):
@@ -237,6 +252,8 @@ class SerifWorkerPlugin(WorkerPlugin):
                 if node.name == str(self.worker.name):
                     capacity = node.model_cache_bytes
             self.models = ModelCache(capacity)
+            # A read's peek comes within 2 × sla of it, or its tick gave up on it.
+            self.inputs.max_age_s = 2 * max(a.sla_latency for a in config.apps) + 30.0
             return config
 
     def report_warm(self, cold: list[str] | tuple[str, ...] = ()) -> None:

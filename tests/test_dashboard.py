@@ -137,6 +137,19 @@ def test_metrics_series(ward: Ward) -> None:
             if name == "serif_models_warm"} == {"bay-a", "bay-b", "bay-c"}
 
 
+def test_metrics_show_each_process_memory(ward: Ward) -> None:
+    metrics = scrape(ward.base)
+    resident = {dict(labels)["process"]: (dict(labels)["role"], v)
+                for (name, labels), v in metrics.items()
+                if name == "serif_process_resident_bytes"}
+    workers = {"bay-a", "bay-b", "bay-c", "data@bay-a", "data@bay-b"}
+    assert set(resident) == {"scheduler", *workers}, resident
+    # serif-dask run: the driver reports from the scheduler's own process
+    assert resident["scheduler"][0] == "scheduler+driver"
+    assert {resident[w][0] for w in workers} == {"compute", "data"}
+    assert all(10 * 2**20 < v < 8 * 2**30 for _, v in resident.values()), resident
+
+
 # -- headless Chromium over the DevTools protocol ------------------------------------------
 SOURCE_LENGTHS_JS = """
 (() => {
@@ -156,6 +169,7 @@ SOURCE_LENGTHS_JS = """
 MUST_HAVE_DATA = (
     "serif-apps", "serif-latency", "serif-decision", "serif-pi", "serif-workers",
     "serif-backlog", "serif-timeline-falldetection", "serif-timeline-wakeword",
+    "serif-memory",
 )
 
 

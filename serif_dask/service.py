@@ -1,0 +1,89 @@
+"""What a run that never ends needs from Dask: bounded settings and stable task groups.
+
+Dask's defaults suit batch jobs, where a cluster lives for hours: some of its logs are
+sized for rich post-mortems rather than for weeks of small ticks. :data:`SETTINGS` are the
+values serif-dask uses for the clusters it starts (``serif-dask run``,
+:func:`serif_dask.local_cluster`); they are plain Dask config keys, so a ``dask scheduler``
+/ ``dask worker`` deployment sets them the usual way (a YAML file in ``~/.config/dask``,
+``DASK_*`` environment variables; see the README's "Running for days"). A value the
+user's Dask config already sets to something other than Dask's default is left alone.
+
+:func:`keep_task_groups` holds one tiny task per task group of the tick graph for the
+whole run. Dask deletes a ``TaskGroup`` once its last task is forgotten and makes a new
+one for the next task of that name, and every group a span (or a ``Computation``) ever
+saw is kept for the scheduler's lifetime (dask/distributed#7977): with ticks that
+release all their tasks, that was one or more new groups per tick, kept for ever, plus
+a new default span whenever the cluster went idle between ticks, and on every worker
+new fine-performance-metric entries per span. With the groups alive, every tick's tasks
+join the same groups and the same span, and that state stays constant.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import dask
+from distributed import Client, Future
+
+#: Dask config values for a long-running service (key: value, Dask's default in comments).
+SETTINGS: dict[str, Any] = {
+    # The dashboard's task stream keeps this many task records once a page shows it
+    # (Dask: 100000, ~1 KB each): 10000 is minutes of a busy run.
+    "distributed.scheduler.dashboard.tasks.task-stream-length": 10_000,
+    # The statistical profiler keeps one call tree per second for the last
+    # low-level-log-length (1000) seconds on every worker (0.3-1.1 KB each pickled on
+    # the hospital ward, so MBs once full, growing for the first 17 minutes), and
+    # samples every 10 ms on a thread of its own: off for serving.
+    "distributed.worker.profile.enabled": False,
+}
+
+#: Key prefixes (Dask task groups) of the tick graph; see :mod:`serif_dask.driver`.
+TICK_GROUPS = ("serif-read", "serif-peek", "serif-score", "serif-export")
+
+
+def _defaults() -> dict[str, Any]:
+    return dask.config.merge(*dask.config.defaults)
+
+
+def service_settings() -> dict[str, Any]:
+    """:data:`SETTINGS`, except keys the user's Dask config sets to a value of its own."""
+    defaults = _defaults()
+    out = {}
+    for key, value in SETTINGS.items():
+        current = dask.config.get(key, None)
+        if current == dask.config.get(key, None, config=defaults):
+            out[key] = value
+    return out
+
+
+@contextlib.contextmanager
+def service_config() -> Iterator[dict[str, Any]]:
+    """Dask config with :func:`service_settings` applied, for as long as the block runs."""
+    settings = service_settings()
+    with dask.config.set(settings):
+        yield settings
+
+
+def worker_config() -> dict[str, Any]:
+    """The ``config`` option of a Nanny: its worker process gets the service settings.
+
+    A Nanny replaces top-level sections of its own config with this (a shallow merge),
+    so the whole current ``distributed`` section goes, with the settings applied.
+    """
+    with service_config():  # a copy: leaving the block restores the live dicts in place
+        return {"distributed": copy.deepcopy(dask.config.get("distributed"))}
+
+
+def _anchor() -> None:
+    """Does nothing: only its key matters (see :func:`keep_task_groups`)."""
+
+
+def keep_task_groups(client: Client, run_id: str) -> list[Future]:
+    """One task per tick-graph task group, to hold (and release) for the whole run."""
+    return [
+        client.submit(_anchor, key=f"{group}-{run_id}-anchor", pure=False)
+        for group in TICK_GROUPS
+    ]
