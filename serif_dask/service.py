@@ -8,8 +8,8 @@ values serif-dask uses for the clusters it starts (``serif-dask run``,
 ``DASK_*`` environment variables; see the README's "Running for days"). A value the
 user's Dask config already sets to something other than Dask's default is left alone.
 
-:func:`keep_task_groups` holds one tiny task per task group of the tick graph for the
-whole run. Dask deletes a ``TaskGroup`` once its last task is forgotten and makes a new
+:func:`keep_task_groups` holds one never-running task per task group of the tick graph
+for the whole run. Dask deletes a ``TaskGroup`` once its last task is forgotten and makes a new
 one for the next task of that name, and every group a span (or a ``Computation``) ever
 saw is kept for the scheduler's lifetime (dask/distributed#7977): with ticks that
 release all their tasks, that was one or more new groups per tick, kept for ever, plus
@@ -42,6 +42,8 @@ SETTINGS: dict[str, Any] = {
 
 #: Key prefixes (Dask task groups) of the tick graph; see :mod:`serif_dask.driver`.
 TICK_GROUPS = ("serif-read", "serif-peek", "serif-score", "serif-export")
+#: A resource no worker has: an anchor waits in ``no-worker`` and never runs anywhere.
+ANCHOR_RESOURCE = "serif-anchor"
 
 
 def _defaults() -> dict[str, Any]:
@@ -78,12 +80,18 @@ def worker_config() -> dict[str, Any]:
 
 
 def _anchor() -> None:
-    """Does nothing: only its key matters (see :func:`keep_task_groups`)."""
+    """Never runs: only its key matters (see :func:`keep_task_groups`)."""
 
 
 def keep_task_groups(client: Client, run_id: str) -> list[Future]:
-    """One task per tick-graph task group, to hold (and release) for the whole run."""
+    """One task per tick-graph task group, to hold (and release) for the whole run.
+
+    Each asks for a resource no worker has, so it waits (``no-worker``) and never takes a
+    worker's time or changes when a tick's tasks run; waiting, it keeps its group alive
+    and not done, so the run's tasks also stay in one span.
+    """
     return [
-        client.submit(_anchor, key=f"{group}-{run_id}-anchor", pure=False)
+        client.submit(_anchor, key=f"{group}-{run_id}-anchor", pure=False,
+                      resources={ANCHOR_RESOURCE: 1})
         for group in TICK_GROUPS
     ]
