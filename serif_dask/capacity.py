@@ -61,6 +61,11 @@ EXHAUSTIVE_LIMIT = 64
 #: equally good, and the cheapest of them is chosen.
 UTILITY_TOLERANCE = 0.01
 MIN_TOLERANCE = 1e-3
+#: A plan keeps every worker's booked time at most this share of the run: a real cluster
+#: needs headroom for what profiles leave out (task dispatch, the first tick's start-up,
+#: a shared machine's jitter). Near full booking, a batch that runs late makes the plugin
+#: plan from its real queues, and the run leaves the replay behind.
+DEFAULT_MAX_BUSY = 0.85
 #: Calibration samples the driver's fit task uses (``tasks.fit_task``).
 CALIBRATION_SAMPLES = 256
 
@@ -88,10 +93,16 @@ class Prediction:
     behind_s: float  # how far real batches ran behind their booking (batch curves)
     left_out: tuple[str, ...] = ()  # "app/model" no planned node can run
 
+    @property
+    def busiest(self) -> float:
+        """The highest share of the run any worker is booked for."""
+        return max(self.busy.values(), default=0.0)
+
     def brief(self) -> dict[str, Any]:
         return {"workers": self.workers, "cost": self.cost,
                 "predicted": {"mean_utility": self.mean_utility,
-                              "deadline_met": self.deadline_met}}
+                              "deadline_met": self.deadline_met},
+                "busiest": self.busiest}
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,7 @@ class PlanResult:
     data_aware: bool
     seed: int
     target_deadline_met: float | None
+    max_busy: float = DEFAULT_MAX_BUSY
 
     def to_json(self) -> dict[str, Any]:
         best = self.best
@@ -124,6 +136,7 @@ class PlanResult:
             "seed": self.seed,
             "duration_s": self.duration_s,
             "target_deadline_met": self.target_deadline_met,
+            "max_busy": self.max_busy,
         }
 
 
@@ -623,6 +636,7 @@ def plan_capacity(
     seed: int | None = None,
     out_dir: Path | None = None,
     simulate_models: bool = False,
+    max_busy: float = DEFAULT_MAX_BUSY,
 ) -> PlanResult:
     """Choose worker counts per node type for ``config``'s load (``serif-dask plan``).
 
@@ -631,7 +645,8 @@ def plan_capacity(
     plan whose predicted deadline-met share reaches it (PlanError when none does). Every
     count vector is judged when there are few (``EXHAUSTIVE_LIMIT``), else a greedy
     search adds, one at a time, the worker of most utility (or deadline share, while
-    the target is unmet) per unit of cost.
+    the target is unmet) per unit of cost. Only plans that book no worker for more than
+    ``max_busy`` of the run are chosen (all are listed).
     """
     if max_workers < 1:
         raise PlanError("--max-workers must be at least 1")
@@ -673,12 +688,12 @@ def plan_capacity(
     if not judged:
         raise PlanError("no combination of node types runs a model of every application")
     predictions = [p for p, _ in judged.values()]
-    best = _choose(predictions, target_deadline_met, max_workers)
+    best = _choose(predictions, target_deadline_met, max_workers, max_busy)
     ranked = sorted(predictions, key=lambda p: (p is not best, -p.mean_utility, p.cost))
     docs = judged[tuple(best.workers.get(t, 0) for t in types)][1]
     return PlanResult(best=best, alternatives=tuple(ranked), documents=docs,
                       duration_s=duration, policy=policy, data_aware=data_aware, seed=seed,
-                      target_deadline_met=target_deadline_met)
+                      target_deadline_met=target_deadline_met, max_busy=max_busy)
 
 
 def _with(p: Prediction, **changes: Any) -> Prediction:
@@ -727,9 +742,18 @@ def _tolerance(best: float) -> float:
 
 
 def _choose(predictions: Sequence[Prediction], target: float | None,
-            max_workers: int) -> Prediction:
+            max_workers: int, max_busy: float) -> Prediction:
     def workers(p: Prediction) -> int:
         return sum(p.workers.values())
+
+    roomy = [p for p in predictions if p.busiest <= max_busy + 1e-12]
+    if not roomy:
+        top = min(predictions, key=lambda p: p.busiest)
+        raise PlanError(
+            f"every plan of at most {max_workers} workers books a worker for more than "
+            f"{max_busy:.0%} of the run (the least: {top.busiest:.0%} with "
+            f"{_describe(top.workers)}); allow more workers or a higher --max-busy")
+    predictions = roomy
 
     if target is not None:
         meets = [p for p in predictions if p.deadline_met >= target - 1e-12]

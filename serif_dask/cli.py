@@ -316,13 +316,16 @@ def _node_cost(value: str) -> tuple[str, float]:
               "deadlines.")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Seconds of load to replay (default: duration-in-secs, else 60).")
+@click.option("--max-busy", type=click.FloatRange(0, 1, min_open=True), default=0.85,
+              show_default=True, help="Choose only plans that book no worker for more than "
+              "this share of the run (headroom for what profiles leave out).")
 @click.option("--simulate", is_flag=True,
               help="Plan as `run --simulate` runs: every model in profile mode.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Write the plan (workers, prediction, alternatives) as JSON here.")
 def plan(config: tuple[str, ...], out_dir: str, max_workers: int, node_cost: tuple[str, ...],
-         target_deadline_met: float | None, duration: float | None, simulate: bool,
-         json_path: str | None) -> None:
+         target_deadline_met: float | None, duration: float | None, max_busy: float,
+         simulate: bool, json_path: str | None) -> None:
     """Size the cluster for CONFIG's load: workers per compute-node type, by replaying the
     run offline with the run's own policy; writes a runnable config to --out."""
     from serif_dask.capacity import PlanError, plan_capacity, write_plan
@@ -332,7 +335,8 @@ def plan(config: tuple[str, ...], out_dir: str, max_workers: int, node_cost: tup
     try:
         result = plan_capacity(cfg, max_workers=max_workers, costs=costs,
                                target_deadline_met=target_deadline_met, duration=duration,
-                               out_dir=Path(out_dir), simulate_models=simulate)
+                               out_dir=Path(out_dir), simulate_models=simulate,
+                               max_busy=max_busy)
     except PlanError as exc:
         if str(exc).startswith("--node-cost"):
             raise click.BadParameter(str(exc).split(": ", 1)[1],
@@ -359,7 +363,8 @@ def print_plan(result: Any) -> None:
     table = Table(title=title)
     for name, justify in (("", "left"), ("workers", "left"), ("cost", "right"),
                           ("mean utility", "right"), ("deadline met", "right"),
-                          ("answered", "right"), ("dropped", "right")):
+                          ("answered", "right"), ("dropped", "right"),
+                          ("busiest", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     shown = result.alternatives[:12]
     for p in shown:
@@ -367,6 +372,7 @@ def print_plan(result: Any) -> None:
             "chosen" if p is best else "", describe_workers(p.workers), f"{p.cost:g}",
             f"{p.mean_utility:.3f}", f"{p.deadline_met:.1%}",
             f"{p.answered / max(p.requests, 1):.1%}", f"{p.dropped / max(p.requests, 1):.1%}",
+            f"{p.busiest:.0%}",
         )
     console.print(table)
     if len(result.alternatives) > len(shown):
