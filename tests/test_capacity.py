@@ -185,19 +185,27 @@ def test_replay_is_reproducible_and_more_workers_serve_more(tmp_path: Path) -> N
 
 def test_plan_maximises_utility_then_cost_or_meets_a_target(tmp_path: Path) -> None:
     cfg = load_config(write(ward_docs(), tmp_path / "cfg"))
-    best = plan_capacity(cfg, max_workers=3, duration=8)
+    best = plan_capacity(cfg, max_workers=3, duration=8, max_busy=1.0)
     top = max(p.mean_utility for p in best.alternatives)
     assert best.best.mean_utility >= top - 0.01 * top
     cheaper = [p for p in best.alternatives if p.cost < best.best.cost]
     assert cheaper and all(p.mean_utility < top - 0.01 * top for p in cheaper)
     assert len(best.alternatives) == 9  # every vector of at most 3 workers of 2 types
-    target = plan_capacity(cfg, max_workers=3, duration=8, target_deadline_met=0.999)
+    # With headroom required, no chosen worker is booked for more than that share.
+    roomy = plan_capacity(cfg, max_workers=3, duration=8, max_busy=0.8)
+    assert roomy.best.busiest <= 0.8 < best.best.busiest
+    assert roomy.best.cost >= best.best.cost
+    target = plan_capacity(cfg, max_workers=3, duration=8, target_deadline_met=0.999,
+                           max_busy=1.0)
     assert target.best.deadline_met >= 0.999
     assert all(p.cost >= target.best.cost for p in target.alternatives
                if p.deadline_met >= 0.999)
     busy = load_config(write(ward_docs(groups=120), tmp_path / "busy"))
     with pytest.raises(PlanError, match="no plan of at most 1 workers meets deadline-met"):
-        plan_capacity(busy, max_workers=1, duration=8, target_deadline_met=0.999)
+        plan_capacity(busy, max_workers=1, duration=8, target_deadline_met=0.999,
+                      max_busy=1.0)
+    with pytest.raises(PlanError, match="books a worker for more than 85% of the run"):
+        plan_capacity(busy, max_workers=1, duration=8)
 
 
 def test_plan_options_bad_values_exit_2(tmp_path: Path) -> None:
@@ -215,7 +223,7 @@ def test_plan_options_bad_values_exit_2(tmp_path: Path) -> None:
 def test_planned_config_delivers_its_prediction(tmp_path: Path) -> None:
     """Plan, then run the planned config for real (profile mode, LocalCluster): mean
     utility within 10 % and deadline met within 5 points of the prediction."""
-    cfg = write(ward_docs(duration=12), tmp_path / "cfg")
+    cfg = write(ward_docs(groups=40, duration=12), tmp_path / "cfg")
     out, plan_json, run_json = tmp_path / "planned", tmp_path / "plan.json", tmp_path / "run.json"
     planned = run_cli("plan", str(cfg), "--max-workers", "3", "--out", str(out),
                       "--json", str(plan_json), timeout=300)
@@ -224,6 +232,7 @@ def test_planned_config_delivers_its_prediction(tmp_path: Path) -> None:
     plan = json.loads(plan_json.read_text())
     assert set(plan) >= {"workers", "predicted", "alternatives"}
     assert sum(plan["workers"].values()) >= 2  # this load needs more than one worker
+    assert max(plan["busy"].values()) <= 0.85
     ran = run_cli("run", str(out), "--json", str(run_json), "-q", timeout=300)
     assert ran.returncode == 0, ran.stderr
     summary = json.loads(run_json.read_text())
