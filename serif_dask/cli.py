@@ -333,6 +333,100 @@ def profile(config: tuple[str, ...], out: str | None, batch_sizes: str,
         click.echo(dumps(updated_application(cfg, reports)), nl=False)
 
 
+def _node_cost(value: str) -> tuple[str, float]:
+    name, sep, cost = value.partition("=")
+    try:
+        number = float(cost)
+    except ValueError:
+        number = float("nan")
+    if not sep or not name or not number >= 0 or number == float("inf"):
+        raise click.BadParameter(f"expected NAME=COST with COST a number >= 0, got {value!r}",
+                                 param_hint="--node-cost")
+    return name, number
+
+
+@cli.command()
+@click.argument("config", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Write the planned config (system, application, data JSON) here.")
+@click.option("--max-workers", type=click.IntRange(min=1), default=8, show_default=True,
+              help="At most this many compute workers in all.")
+@click.option("--node-cost", "node_cost", multiple=True, metavar="TYPE=COST",
+              help="Cost of one node of a type (default: the node's cost, else 1); repeat.")
+@click.option("--target-deadline-met", type=click.FloatRange(0, 1), default=None,
+              help="Instead of the most utility: the cheapest plan meeting this share of "
+              "deadlines.")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds of load to replay (default: duration-in-secs, else 60).")
+@click.option("--max-busy", type=click.FloatRange(0, 1, min_open=True), default=0.85,
+              show_default=True, help="Choose only plans that book no worker for more than "
+              "this share of the run (headroom for what profiles leave out).")
+@click.option("--simulate", is_flag=True,
+              help="Plan as `run --simulate` runs: every model in profile mode.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the plan (workers, prediction, alternatives) as JSON here.")
+def plan(config: tuple[str, ...], out_dir: str, max_workers: int, node_cost: tuple[str, ...],
+         target_deadline_met: float | None, duration: float | None, max_busy: float,
+         simulate: bool, json_path: str | None) -> None:
+    """Size the cluster for CONFIG's load: workers per compute-node type, by replaying the
+    run offline with the run's own policy; writes a runnable config to --out."""
+    from serif_dask.capacity import PlanError, plan_capacity, write_plan
+
+    costs = dict(_node_cost(v) for v in node_cost)
+    cfg = _load(config, simulate)
+    try:
+        result = plan_capacity(cfg, max_workers=max_workers, costs=costs,
+                               target_deadline_met=target_deadline_met, duration=duration,
+                               out_dir=Path(out_dir), simulate_models=simulate,
+                               max_busy=max_busy)
+    except PlanError as exc:
+        if str(exc).startswith("--node-cost"):
+            raise click.BadParameter(str(exc).split(": ", 1)[1],
+                                     param_hint="--node-cost") from None
+        raise RunFailed(str(exc)) from None
+    written = write_plan(result, Path(out_dir))
+    if json_path:
+        Path(json_path).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    print_plan(result)
+    click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+
+
+def print_plan(result: Any) -> None:
+    """The plan's table: each judged cluster, the chosen one first, then its warm models."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from serif_dask.capacity import describe_workers
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    best = result.best
+    title = (f"serif-dask plan: {result.policy}, data-aware {result.data_aware}, "
+             f"{result.duration_s:g} s replayed, seed {result.seed}")
+    table = Table(title=title)
+    for name, justify in (("", "left"), ("workers", "left"), ("cost", "right"),
+                          ("mean utility", "right"), ("deadline met", "right"),
+                          ("answered", "right"), ("dropped", "right"),
+                          ("busiest", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    shown = result.alternatives[:12]
+    for p in shown:
+        table.add_row(
+            "chosen" if p is best else "", describe_workers(p.workers), f"{p.cost:g}",
+            f"{p.mean_utility:.3f}", f"{p.deadline_met:.1%}",
+            f"{p.answered / max(p.requests, 1):.1%}", f"{p.dropped / max(p.requests, 1):.1%}",
+            f"{p.busiest:.0%}",
+        )
+    console.print(table)
+    if len(result.alternatives) > len(shown):
+        console.print(f"({len(result.alternatives) - len(shown)} more in --json)")
+    for worker, models in best.warm.items():
+        kept = ", ".join(f"{m} {share:.0%}" for m, share in
+                         sorted(models.items(), key=lambda kv: -kv[1]))
+        console.print(f"  {worker}: busy {best.busy.get(worker, 0.0):.0%}, warm: {kept}")
+    if best.left_out:
+        console.print(f"  left out (no planned node runs them): {', '.join(best.left_out)}")
+
+
 @cli.command("train-digits")
 @click.option("--out", type=click.Path(file_okay=False), default="configs/digits/weights",
               show_default=True, help="Folder for the .safetensors weights.")

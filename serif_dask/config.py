@@ -382,6 +382,18 @@ class ComputeNode(_Frozen):
     model_cache_bytes: PositiveInt | None = Field(
         None, description="Bytes of model weights a worker keeps loaded (LRU); None: unbounded."
     )
+    type: Name | None = Field(
+        None, description="Node type (hardware kind); latencies may be keyed by it. "
+        "None: the node's name."
+    )
+    cost: NonNegative | None = Field(
+        None, description="Cost of one node of this type, for `serif-dask plan`; None: 1."
+    )
+
+    @property
+    def node_type(self) -> str:
+        """The node's type: ``type``, else its name."""
+        return self.type or self.name
 
 
 class RedisNode(_Frozen):
@@ -466,6 +478,11 @@ class SystemConfig(_Frozen):
     def node_names(self) -> tuple[str, ...]:
         return tuple(node.name for node in self.compute_nodes)
 
+    @property
+    def node_types(self) -> tuple[str, ...]:
+        """Compute-node types, in first-use order."""
+        return tuple(dict.fromkeys(node.node_type for node in self.compute_nodes))
+
     @model_validator(mode="after")
     def _check(self) -> SystemConfig:
         for i, first in _duplicates(self.node_names):
@@ -475,6 +492,26 @@ class SystemConfig(_Frozen):
                 i,
                 "name",
             )
+        by_name = {node.name: node for node in self.compute_nodes}
+        costs: dict[str, tuple[int, float]] = {}
+        for i, node in enumerate(self.compute_nodes):
+            # A latency key names a node or a type: a type that is another type's node's
+            # name would make that key mean two things.
+            other = by_name.get(node.node_type)
+            if other is not None and other.node_type != node.node_type:
+                _fail(
+                    f"{node.node_type!r} is the name of a compute node of another type "
+                    f"({other.node_type!r})",
+                    "compute-nodes", i, "type",
+                )
+            if node.cost is not None:
+                first, cost = costs.setdefault(node.node_type, (i, node.cost))
+                if cost != node.cost:
+                    _fail(
+                        f"{node.cost:g} differs from compute-nodes[{first}].cost ({cost:g}), "
+                        f"of the same type {node.node_type!r}",
+                        "compute-nodes", i, "cost",
+                    )
         name = self.scheduler_type
         if ":" not in name:
             known = _known_policies()
@@ -930,8 +967,6 @@ class SerifConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> SerifConfig:
-        nodes = self.system.node_names
-        node_list = ", ".join(nodes)
         modalities = self.data.modality_names
         for i, first in _duplicates([a.name for a in self.apps]):
             _fail(
@@ -944,7 +979,9 @@ class SerifConfig(_Frozen):
         runs_on: dict[str, dict[str, str]] = {
             m: {} for m in modalities
         }  # modality -> node -> model
+        apps = []
         for a, app in enumerate(self.apps):
+            profiles = []
             for j, model in enumerate(app.model_profiles):
                 at = ("applications", a, "model-profiles", j)
                 if model.modality not in modalities:
@@ -955,34 +992,54 @@ class SerifConfig(_Frozen):
                         "modality",
                         file="application",
                     )
-                for node in model.latencies:
-                    if node not in nodes:
-                        _fail(
-                            f"unknown compute node {node!r}; system.json defines: {node_list}",
-                            *at,
-                            "latencies",
-                            node,
-                            file="application",
-                        )
+                latencies = self._by_node(model.latencies, (*at, "latencies"), "application")
+                for node in latencies:
                     runs_on[model.modality].setdefault(node, f"{app.name}/{model.name}")
+                profiles.append(model.model_copy(update={"latencies": latencies}))
+            apps.append(app.model_copy(update={"model_profiles": tuple(profiles)}))
+        data_modalities = []
         for i, modality in enumerate(self.data.data_modalities):
             at = ("data-modalities", i, "retrieval-latencies")
-            for node in modality.retrieval_latencies:
-                if node not in nodes:
-                    _fail(
-                        f"unknown compute node {node!r}; system.json defines: {node_list}",
-                        *at,
-                        node,
-                        file="data",
-                    )
+            retrieval = self._by_node(modality.retrieval_latencies, at, "data")
             for node, model in runs_on[modality.name].items():
-                if node not in modality.retrieval_latencies:
+                if node not in retrieval:
                     _fail(
                         f"missing compute node {node!r} (model {model} runs there)",
                         *at,
                         file="data",
                     )
+            data_modalities.append(modality.model_copy(update={"retrieval_latencies": retrieval}))
+        # Latencies keyed by node type hold, once loaded, one entry per node of that type
+        # (a frozen model: ``object.__setattr__``, as Application fills in its defaults).
+        object.__setattr__(self, "apps", tuple(apps))
+        data = self.data.model_copy(update={"data_modalities": tuple(data_modalities)})
+        data._listed = self.data._listed
+        object.__setattr__(self, "data", data)
         return self
+
+    def _by_node(self, entries: Mapping[str, Any], at: tuple[str | int, ...],
+                 file: str) -> FrozenDict:
+        """``entries`` keyed by node name or node type, as one entry per compute node.
+
+        A node takes the entry under its own name, else the one under its type.
+        """
+        system = self.system
+        names, types = set(system.node_names), set(system.node_types)
+        for key in entries:
+            if key not in names and key not in types:
+                known = ", ".join(system.node_names)
+                extra = sorted(types - names)
+                if extra:
+                    known += f" (types: {', '.join(extra)})"
+                _fail(f"unknown compute node {key!r}; system.json defines: {known}",
+                      *at, key, file=file)
+        out = {}
+        for node in system.compute_nodes:
+            if node.name in entries:
+                out[node.name] = entries[node.name]
+            elif node.node_type in entries:
+                out[node.name] = entries[node.node_type]
+        return FrozenDict(out)
 
 
 # --------------------------------------------------------------------------------------

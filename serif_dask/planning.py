@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serif_dask.config import SerifConfig
-from serif_dask.policies import PlanProblem
+from serif_dask.policies import DROP, Plan, PlanProblem
 from serif_dask.utility import expected_utility, row_normalise
 
 
@@ -224,3 +224,40 @@ def join(problems: list[PlanProblem], rng: np.random.Generator) -> PlanProblem:
     joined = {name: np.concatenate([getattr(p, name) for p in problems])
               for name in _PER_REQUEST}
     return dataclasses.replace(first, rng=rng, **joined)
+
+
+@dataclass(frozen=True, eq=False)
+class Batch:
+    """One (worker, model) score task of a plan: its requests and estimated seconds."""
+
+    model: int  # index into ModelTable.names
+    worker: int  # index into the plan's WorkerView
+    rows: np.ndarray  # int: the problem's request rows, in the order the task runs them
+    seconds: float  # switch (when cold) + the slowest retrieval + one inference per request
+
+
+def batches(problem: PlanProblem, plan: Plan, warm: np.ndarray, rows: np.ndarray) -> list[Batch]:
+    """Group the served requests among ``rows`` into one batch per (worker, model).
+
+    ``warm`` (W, M) is what the planner believed loaded; a cold model pays its switch once.
+    The scheduler plugin books exactly these seconds on its logical clock, and
+    :mod:`serif_dask.capacity` replays the same arithmetic offline.
+    """
+    model = np.asarray(plan.model)
+    worker = np.asarray(plan.worker)
+    served = rows[model[rows] != DROP]
+    if served.size == 0:
+        return []
+    pairs = model[served] * problem.infer.shape[1] + worker[served]
+    order = np.argsort(pairs, kind="stable")
+    bounds = np.flatnonzero(np.diff(pairs[order])) + 1
+    out = []
+    for chunk in np.split(served[order], bounds):
+        m, w = int(model[chunk[0]]), int(worker[chunk[0]])
+        seconds = (
+            (problem.switch[m, w] if not warm[w, m] else 0.0)
+            + float(problem.retrieval[chunk, m, w].max())
+            + len(chunk) * problem.infer[m, w]
+        )
+        out.append(Batch(m, w, chunk, float(seconds)))
+    return out

@@ -23,7 +23,14 @@ from distributed.protocol.pickle import dumps, loads
 from distributed.scheduler import Scheduler
 
 from serif_dask.config import SerifConfig
-from serif_dask.planning import ModelTable, WorkerView, build_problem, join, peek_answer
+from serif_dask.planning import (
+    ModelTable,
+    WorkerView,
+    batches,
+    build_problem,
+    join,
+    peek_answer,
+)
 from serif_dask.policies import DROP, Plan, get_policy
 from serif_dask.policies._common import MIN_GAIN
 from serif_dask.sneakpeek import ForwardBeliefs, GroupBeliefs, make_beliefs, single_look
@@ -62,6 +69,11 @@ class WorkerState:
     busy_until: float = 0.0  # on the run's logical clock (seconds since its start)
     # score key -> (planned finish on the logical clock, estimated seconds)
     pending: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def book(self, key: str, now: float, seconds: float) -> None:
+        """Queue a batch of ``seconds`` planned at logical time ``now`` behind the others."""
+        self.busy_until = max(self.busy_until, now) + seconds
+        self.pending[key] = (self.busy_until, seconds)
 
     def backlog(self, now: float, slack: float, real_now: float) -> float:
         """Queued seconds ahead of a new batch planned at logical time ``now``.
@@ -642,48 +654,32 @@ class SerifSchedulerPlugin(SchedulerPlugin):
     ) -> list[dict[str, Any]]:
         """Group the plan's ``rows`` (one tick's requests) into one batch per (worker,
         model) and book the work it adds."""
-        model = np.asarray(plan.model)
-        worker = np.asarray(plan.worker)
         priority = np.asarray(plan.priority, dtype=float)
-        served = rows[model[rows] != DROP]
-        batches: list[dict[str, Any]] = []
-        if served.size == 0:
-            return batches
-        pairs = model[served] * len(view.addresses) + worker[served]
-        order = np.argsort(pairs, kind="stable")
-        pairs_sorted = pairs[order]
-        bounds = np.flatnonzero(np.diff(pairs_sorted)) + 1
+        out: list[dict[str, Any]] = []
         assert self.table is not None
-        for chunk in np.split(served[order], bounds):
-            m, w = int(model[chunk[0]]), int(worker[chunk[0]])
+        for batch in batches(problem, plan, view.warm, rows):
+            m, w, chunk = batch.model, batch.worker, batch.rows
             state = self.workers.get(view.addresses[w])
             model_name = self.table.names[m].split("/", 1)[1]
             key = f"serif-score-{self.run_id}-{app}-{tick}-{m}-{w}"
-            cold = not view.warm[w, m]
-            duration = (
-                (problem.switch[m, w] if cold else 0.0)
-                + float(problem.retrieval[chunk, m, w].max())
-                + len(chunk) * problem.infer[m, w]
-            )
-            self.booked[key] = (m, view.addresses[w], float(duration))
+            self.booked[key] = (m, view.addresses[w], float(batch.seconds))
             while len(self.booked) > 4096:
                 self.booked.popitem(last=False)
             if state is not None:
-                state.busy_until = max(state.busy_until, problem.now) + float(duration)
-                state.pending[key] = (state.busy_until, float(duration))
+                state.book(key, problem.now, batch.seconds)
                 state.warm[self.table.names[m]] = None
                 self.pending[key] = state.address
-            batches.append(
+            out.append(
                 {
                     "key": key,
                     "worker": view.addresses[w],
                     "model": model_name,
                     "groups": problem.group[chunk].tolist(),
                     "priority": float(priority[chunk].max()),
-                    "estimate_s": float(duration),
+                    "estimate_s": batch.seconds,
                 }
             )
-        return batches
+        return out
 
 
 def install(dask_scheduler: Scheduler) -> None:
