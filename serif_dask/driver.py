@@ -207,6 +207,8 @@ class Driver:
                 continue
             # Kept here too: small, and put back on the data workers should it be lost.
             value = self._estimator_values[name] = await fut
+            if reason := getattr(getattr(value, "estimator", value), "reason", None):
+                logger.warning("serif: %s", reason)  # one line: no calibration data
             await self.client.scheduler.serif_calibrate(
                 app=name, score_prior=list(getattr(value, "score_prior", ()) or ()) or None,
                 persistence=getattr(value, "persistence", None), run_id=self.run_id,
