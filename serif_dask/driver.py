@@ -527,6 +527,14 @@ class Driver:
         for result in results:
             scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
             labels[result["groups"]] = result["labels"]
+        if all(p.modality == peek_mod for p in app.model_profiles):
+            # no model could serve a group whose only input failed: do not plan it
+            by_reason: dict[str, list[int]] = {}
+            for result in results:
+                for group, reason in result.get("errors", {}).items():
+                    by_reason.setdefault(reason, []).append(int(group))
+            for reason, which in by_reason.items():
+                fail(np.asarray(which, dtype=np.int64), reason)
 
         live = groups[pending]
         if live.size == 0:

@@ -350,7 +350,8 @@ def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
         stale = dataplane.stale_rows(plugin, read)
         ok &= ~stale
         scores[stale] = np.nan
-    return {"groups": read.groups, "scores": scores, "ok": ok, "labels": read.labels}
+    return {"groups": read.groups, "scores": scores, "ok": ok, "labels": read.labels,
+            "errors": dict(read.errors)}
 
 
 def score_task(
