@@ -837,8 +837,8 @@ class DataConfig(_Frozen):
         for (modality, group), s in owners.items():
             self._listed[modality][group] = s
         for i, modality in enumerate(self.data_modalities):
-            if modality.use_synthetic_data:
-                continue
+            if modality.use_synthetic_data or modality.impl == LIVE_READER:
+                continue  # live streams have default keys (serif:in:<modality>:<group>)
             listed = self._listed[modality.name]
             if len(listed) < self.num_groups:
                 _fail(
