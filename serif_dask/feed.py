@@ -133,6 +133,7 @@ class Feeder:
             keys = tuple(stream_key(name, int(g), servers[config.group_server(int(g), name)])
                          for g in all_groups.tolist())
             reader = _source_reader(config, name, app, source, self.seed)
+            reader.read(np.asarray(all_groups[:1]), 0)  # imports, data set: not on the clock
             self.targets.append(_Target(name, app, reader, np.asarray(all_groups), keys))
         if not self.targets:
             raise ValueError(f"no modality read by a model has impl {LIVE_READER!r}: "
