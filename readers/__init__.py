@@ -29,8 +29,9 @@ then falls back to the prior.
 Readers are deterministic functions of (seed, app, group, tick) and picklable, so they
 can be shipped to data workers.
 
-:func:`get_reader` picks the modality's ``impl`` (``"package.module:Class"``), a reader
-registered with :func:`register_reader`, or the built-in default: ``synthetic`` when the
+:func:`get_reader` picks the modality's ``impl`` (``"package.module:Class"``, a reader
+registered with :func:`register_reader`, or a built-in name: ``synthetic``, ``digits``,
+``redis-stream`` for live inputs), else the built-in default: ``synthetic`` when the
 modality has ``use-synthetic-data``, else by the streams' file extension (``.npy``,
 ``.wav``, ``.csv``).
 """
@@ -53,7 +54,9 @@ __all__ = [
     "Reader",
     "ReaderError",
     "available_readers",
+    "builtin_reader_names",
     "get_reader",
+    "reader_class",
     "register_reader",
 ]
 
@@ -118,11 +121,18 @@ _BUILTINS: dict[str, str] = {
     "synthetic": "serif_dask.readers.synthetic:SyntheticReader",
     "digits": "serif_dask.readers.digits:DigitsReader",
     "basic-motions": "serif_dask.readers.basic_motions:BasicMotionsReader",
+    "redis-stream": "serif_dask.readers.redis_stream:RedisStreamReader",
     ".npy": "serif_dask.readers.files:NpyReader",
     ".wav": "serif_dask.readers.files:WavReader",
     ".csv": "serif_dask.readers.files:CsvReader",
 }
 _REGISTERED: dict[str, type[Reader]] = {}
+
+
+def builtin_reader_names() -> tuple[str, ...]:
+    """Names a modality's ``impl`` (or ``sneakpeek.calibration``) may give instead of a
+    ``package.module:Class`` path."""
+    return tuple(sorted(name for name in _BUILTINS if not name.startswith(".")))
 
 
 def register_reader(name: str, cls: type[Reader]) -> None:
@@ -162,15 +172,24 @@ def _extensions(paths: Iterable[str]) -> set[str]:
     return {Path(p).suffix.lower() for p in paths}
 
 
+def reader_class(name: str) -> type[Reader]:
+    """The reader class a name stands for: registered, built-in or ``package.module:Class``."""
+    if name in _REGISTERED or name in _BUILTINS:
+        return _lookup(name)
+    return _import_path(name)
+
+
 def get_reader(modality: Any, app: Any, server: Any = None, seed: int = 0) -> Reader:
     """Build the reader for ``modality`` of ``app`` on ``server``.
 
-    Order: the modality's ``impl``; ``synthetic`` when ``use-synthetic-data``; else the
-    reader registered for the extension of the server's stream files.
+    Order: the modality's ``impl`` (a registered or built-in name such as
+    ``redis-stream``, or ``package.module:Class``); ``synthetic`` when
+    ``use-synthetic-data``; else the reader registered for the extension of the server's
+    stream files.
     """
     impl = getattr(modality, "impl", None)
     if impl:
-        cls = _REGISTERED.get(impl) or _import_path(impl)
+        cls = reader_class(impl)
     elif getattr(modality, "use_synthetic_data", False):
         cls = _lookup("synthetic")
     else:

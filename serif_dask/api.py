@@ -113,10 +113,12 @@ class Serif:
     @property
     def needs_redis(self) -> bool:
         """Real models keep their weights (and cross-node inputs) in Redis; so does a
-        results stream."""
+        results stream, and live inputs come from there."""
+        from serif_dask.config import LIVE_READER
+
         return self.results_stream is not None or any(
             not p.use_profile for a in self.config.apps for p in a.model_profiles
-        )
+        ) or any(m.impl == LIVE_READER for m in self.config.data.data_modalities)
 
     def prepare_redis(self) -> dict[str, Any] | None:
         """Reach (or start, embedded) the run's Redis and push any weights it lacks."""

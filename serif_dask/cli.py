@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +219,84 @@ def weights_push(config: tuple[str, ...], force: bool) -> None:
             click.echo("note: Redis was started here and stops with this command", err=True)
     finally:
         handle.stop()
+
+
+@cli.command()
+@click.argument("config", nargs=-1, required=True, type=click.Path())
+@click.option("--rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Samples per second per group and live modality (default: 2 / the "
+              "shortest sample-duration, so no tick misses a fresh sample).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds to feed (default: until Ctrl-C).")
+@click.option("--from", "source", default="synthetic", show_default=True,
+              help="Where samples come from: synthetic (the modality's generator), a data "
+              "set reader (digits) or package.module:Class.")
+@click.option("--burst", metavar="FACTOR,ON,EVERY", default=None,
+              help="Multiply the rate by FACTOR for ON seconds of every EVERY.")
+@click.option("--ramp", metavar="HZ", type=click.FloatRange(min=0, min_open=True),
+              default=None, help="Rise linearly from --rate to HZ over --duration.")
+@click.option("--calibration", type=click.IntRange(min=0), default=0, show_default=True,
+              help="First fill each application's calibration stream with N labelled "
+              "samples (SneakPeek fits on them when a run starts).")
+@click.option("--maxlen", type=click.IntRange(min=1), default=None,
+              help="Entries each stream keeps, approximately (default 100).")
+@click.option("--seed", type=int, default=None, help="Generator seed (default: the config's).")
+def feed(config: tuple[str, ...], rate: float | None, duration: float | None, source: str,
+         burst: str | None, ramp: float | None, calibration: int, maxlen: int | None,
+         seed: int | None) -> None:
+    """Push live inputs of CONFIG into its Redis streams (Ctrl-C stops)."""
+    from serif_dask.feed import DEFAULT_MAXLEN, Feeder, Schedule, live_modalities, parse_burst
+    from serif_dask.readers import ReaderError
+    from serif_dask.redis_server import RedisUnavailable, ensure_redis
+
+    cfg = _load(config)
+    if not live_modalities(cfg):
+        raise click.UsageError('no modality of CONFIG has "impl": "redis-stream": nothing to feed')
+    try:
+        shape = Schedule(
+            rate=1.0, duration=duration,
+            burst=parse_burst(burst) if burst else None, ramp_to=ramp,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    try:
+        handle = ensure_redis(cfg.system)  # validation made sure redis-nodes are configured
+    except RedisUnavailable as exc:
+        raise RunFailed(str(exc)) from None
+    stop = threading.Event()
+    got: list[int] = []
+
+    def on_signal(sig: int, frame: Any) -> None:
+        got.append(sig)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        client = handle.connect()
+        try:
+            feeder = Feeder(cfg, client, source=source, seed=seed,
+                            maxlen=maxlen or DEFAULT_MAXLEN)
+        except (ReaderError, ValueError) as exc:
+            raise click.UsageError(f"--from {source}: {exc}") from None
+        if calibration and not stop.is_set():
+            n = feeder.calibrate(calibration)
+            click.echo(f"calibration: {n} labelled samples", err=True)
+        shape = dataclasses.replace(shape, rate=rate or 2.0 / feeder.sample_duration)
+        click.echo(f"feeding {feeder.streams} streams at {shape.rate:g}/s each"
+                   + (f" for {duration:g} s" if duration else " (Ctrl-C stops)"), err=True)
+        stats = feeder.run(shape, stop) if not stop.is_set() else None
+    except RedisUnavailable as exc:
+        raise RunFailed(str(exc)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        handle.stop()
+    if stats is not None:
+        click.echo(f"fed {stats.entries} entries in {stats.beats} beats over "
+                   f"{stats.seconds:.1f} s ({stats.late_beats} beats skipped late, "
+                   f"{stats.failed_beats} lost)", err=True)
+    if got:
+        sys.exit(143 if signal.SIGTERM in got else 130)
 
 
 @cli.command()

@@ -291,6 +291,20 @@ def _check_impl(value: str) -> str:
     return value
 
 
+def _check_reader(value: str) -> str:
+    from serif_dask.readers import builtin_reader_names
+
+    names = builtin_reader_names()
+    if value in names or _IMPL_RE.fullmatch(value):
+        return value
+    raise ValueError(f"expected a built-in reader ({', '.join(names)}) or "
+                     f"'package.module:Name', got {_show(value)}")
+
+
+#: The built-in reader of live inputs (Redis streams); see ``readers/redis_stream.py``.
+LIVE_READER = "redis-stream"
+
+
 def _port(value: Any) -> Any:
     # SERIF writes ports as strings ("2228"); accept those and ints, nothing else.
     if isinstance(value, str) and re.fullmatch(r"\s*[0-9]+\s*", value):
@@ -318,6 +332,7 @@ Bool = Annotated[bool, Strict()]
 Name = Annotated[str, Strict(), Field(min_length=1)]
 Utility = Annotated[Number, AfterValidator(_check_in_unit)]
 ImplPath = Annotated[str, Strict(), AfterValidator(_check_impl)]
+ReaderImpl = Annotated[str, Strict(), AfterValidator(_check_reader)]
 Port = Annotated[int, BeforeValidator(_port), Field(ge=0, le=65535)]
 Matrix = tuple[tuple[Number, ...], ...]
 
@@ -603,7 +618,10 @@ class SneakPeekSettings(_Frozen):
     cluster cannot serve in time is answered from the estimate itself, at no GPU cost,
     when that earns more than ``miss-utility`` (data-aware runs only). ``impl``: an
     estimator class ``"package.module:Class"``; ``modality``: which input the estimator
-    peeks at (default: the application's smallest input).
+    peeks at (default: the application's smallest input). ``calibration``: a reader (a
+    built-in name such as ``digits``, or ``package.module:Class``) whose labelled data fits
+    the estimator instead of the peeked modality's own reader (for live inputs, whose
+    reader has only what a feeder pushed).
     """
 
     belief: Literal["filter", "dirichlet"] = "filter"
@@ -613,6 +631,7 @@ class SneakPeekSettings(_Frozen):
     answer: Bool = True
     impl: ImplPath | None = None
     modality: Name | None = None
+    calibration: ReaderImpl | None = None
 
 
 class Application(_Frozen):
@@ -716,7 +735,8 @@ class Modality(_Frozen):
 
     ``retrieval-latencies`` maps compute nodes to the seconds it takes to fetch one input of
     this modality there; it must cover every node on which some model of this modality
-    runs. Extensions: ``impl`` (reader class ``"package.module:Class"``), ``synthetic-snr``
+    runs. Extensions: ``impl`` (reader: ``"package.module:Class"`` or a built-in name, e.g.
+    ``redis-stream`` for live inputs, which needs ``redis-nodes``), ``synthetic-snr``
     (> 0, class signal to noise of synthetic samples), ``label-persistence`` (in [0, 1),
     chance a group keeps its synthetic label from one tick to the next), ``dtype`` of
     samples (default ``float32``).
@@ -727,7 +747,8 @@ class Modality(_Frozen):
     synthetic_shape: tuple[PositiveInt, ...] = Field(min_length=1)
     cache_entry_size: PositiveInt
     retrieval_latencies: _frozen_dict(dict[str, NonNegative])
-    impl: ImplPath | None = Field(None, description="Reader class, 'package.module:Class'.")
+    impl: ReaderImpl | None = Field(
+        None, description="Reader: a built-in name or 'package.module:Class'.")
     synthetic_snr: Positive = 1.0
     label_persistence: Annotated[Number, Field(ge=0, lt=1)] = 0.9
     dtype: Annotated[str, Strict(), AfterValidator(_check_dtype)] = "float32"
@@ -857,8 +878,8 @@ class DataConfig(_Frozen):
         for (modality, group), s in owners.items():
             self._listed[modality][group] = s
         for i, modality in enumerate(self.data_modalities):
-            if modality.use_synthetic_data:
-                continue
+            if modality.use_synthetic_data or modality.impl == LIVE_READER:
+                continue  # live streams have default keys (serif:in:<modality>:<group>)
             listed = self._listed[modality.name]
             if len(listed) < self.num_groups:
                 _fail(
@@ -1008,6 +1029,15 @@ class SerifConfig(_Frozen):
                         *at,
                         file="data",
                     )
+            if modality.impl == LIVE_READER and not self.system.redis_nodes:
+                _fail(
+                    f"modality {modality.name!r} reads live Redis streams, which needs "
+                    "redis-nodes in system.json (the embedded Redis has no producer)",
+                    "data-modalities",
+                    i,
+                    "impl",
+                    file="data",
+                )
             data_modalities.append(modality.model_copy(update={"retrieval_latencies": retrieval}))
         # Latencies keyed by node type hold, once loaded, one entry per node of that type
         # (a frozen model: ``object.__setattr__``, as Application fills in its defaults).

@@ -244,6 +244,8 @@ class Driver:
                 continue
             # Kept here too: small, and put back on the data workers should it be lost.
             value = self._estimator_values[name] = await fut
+            if reason := getattr(getattr(value, "estimator", value), "reason", None):
+                logger.warning("serif: %s", reason)  # one line: no calibration data
             await self.client.scheduler.serif_calibrate(
                 app=name, score_prior=list(getattr(value, "score_prior", ()) or ()) or None,
                 persistence=getattr(value, "persistence", None), run_id=self.run_id,
@@ -650,6 +652,14 @@ class Driver:
         for result in results:
             scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
             labels[result["groups"]] = result["labels"]
+        if all(p.modality == peek_mod for p in app.model_profiles):
+            # no model could serve a group whose only input failed: do not plan it
+            by_reason: dict[str, list[int]] = {}
+            for result in results:
+                for group, reason in result.get("errors", {}).items():
+                    by_reason.setdefault(reason, []).append(int(group))
+            for reason, which in by_reason.items():
+                fail(np.asarray(which, dtype=np.int64), reason)
 
         live = groups[pending]
         if live.size == 0:

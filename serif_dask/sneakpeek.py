@@ -100,8 +100,9 @@ class Estimator(ABC):
 class PriorEstimator(Estimator):
     """The data-oblivious estimate: always the prior. Used when there is nothing to fit."""
 
-    def __init__(self, prior: Sequence[float] | np.ndarray) -> None:
+    def __init__(self, prior: Sequence[float] | np.ndarray, reason: str | None = None) -> None:
         self.prior = _normalise_prior(prior)
+        self.reason = reason  # why nothing was fitted, when it was not by choice
 
     def fit(self, samples: np.ndarray, labels: np.ndarray) -> PriorEstimator:
         return self
@@ -428,8 +429,9 @@ def calibrate(app: Any, reader: Any | None = None, n_calibration: int = 512) -> 
     try:
         estimator, labels = _fit_on_calibration(estimator, reader, n_calibration)
     except NoCalibrationData as exc:
-        warnings.warn(f"application {app.name!r}: {exc}; SneakPeek uses the prior", stacklevel=2)
-        return CalibratedEstimator(PriorEstimator(prior), tuple(prior))
+        reason = f"application {app.name!r}: {exc}; SneakPeek uses the prior"
+        warnings.warn(reason, stacklevel=2)
+        return CalibratedEstimator(PriorEstimator(prior, reason=reason), tuple(prior))
     own = getattr(estimator, "prior", None)
     if own is not None and np.size(own) == prior.size:
         score_prior = _normalise_prior(own)

@@ -11,6 +11,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -259,14 +260,28 @@ def export_task(read: ReadResult, groups: list[int], ttl_s: float) -> dict[int, 
 
 
 def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) -> Any:
-    """Fit the application's SneakPeek estimator on the reader's labelled calibration data
-    (a :class:`~serif_dask.sneakpeek.CalibratedEstimator`)."""
+    """Fit the application's SneakPeek estimator (a
+    :class:`~serif_dask.sneakpeek.CalibratedEstimator`) on labelled calibration data: from
+    the reader named in ``sneakpeek.calibration``, else the modality's own reader.
+
+    Without such data it is the prior, whose ``reason`` the driver prints (the warning is
+    not repeated from the worker)."""
     from serif_dask import sneakpeek
+    from serif_dask.readers import reader_class
 
     plugin = current_plugin()
     config = plugin.ensure_run(run_id)
-    reader = _reader(plugin, config, app, modality, server)
-    return sneakpeek.calibrate(_app(config, app), reader, n)
+    app_cfg = _app(config, app)
+    source = app_cfg.sneakpeek.calibration
+    if source:
+        server_cfg = next((s for s in config.data.servers if s.name == server), None)
+        reader = reader_class(source)(config.modality(modality), app_cfg, server_cfg,
+                                      plugin.seed)
+    else:
+        reader = _reader(plugin, config, app, modality, server)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*SneakPeek uses the prior")
+        return sneakpeek.calibrate(app_cfg, reader, n)
 
 
 def warm_data_task(
@@ -335,7 +350,8 @@ def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
         stale = dataplane.stale_rows(plugin, read)
         ok &= ~stale
         scores[stale] = np.nan
-    return {"groups": read.groups, "scores": scores, "ok": ok, "labels": read.labels}
+    return {"groups": read.groups, "scores": scores, "ok": ok, "labels": read.labels,
+            "errors": dict(read.errors)}
 
 
 def score_task(

@@ -803,6 +803,7 @@ def test_extensions_are_read():
         "strength": 4.0,
         "impl": "pk.est:Est",
         "modality": "audio",
+        "calibration": None,
     }
     audio = loaded.modality("audio")
     assert (audio.impl, audio.synthetic_snr, audio.label_persistence, audio.dtype) == (
