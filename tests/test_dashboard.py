@@ -340,7 +340,8 @@ def test_metrics_match_summary_in_process(tmp_path: Path) -> None:
             sum(latencies))
         le_1 = value(metrics, "serif_latency_seconds_bucket", app=app, le="1.0")
         assert le_1 == sum(x <= 1.0 for x in latencies)
-    assert value(metrics, "serif_decision_seconds_count") >= summary["ticks"] > 0
+    # One decision per plan round: ticks due together are planned in one call.
+    assert summary["ticks"] >= value(metrics, "serif_decision_seconds_count") > 0
 
 
 def test_histogram_and_collector_registration_are_idempotent() -> None:

@@ -167,8 +167,9 @@ def test_submit_real_model_scores_the_inline_sample() -> None:
     from serif_dask.readers.digits import load_split
 
     images, labels = load_split("test")
+    # Data-oblivious: no answer from the peek, so a real model scores every sample.
     with local_cluster(config) as cluster, Client(cluster) as client, Serif(
-        client, config, seed=3
+        client, config, seed=3, data_aware=False
     ) as serif:
         records = client.gather([
             serif.submit("digits", i, images[i], label=int(labels[i])) for i in range(6)
