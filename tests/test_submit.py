@@ -155,7 +155,10 @@ def test_same_config_joins_the_served_run_and_another_replaces_it(hospital, conf
     assert first.submit("wakeword", 0, sample).result(timeout=120)["outcome"] == "completed"
     assert joiner.open() == first.open()  # same config: no new run on the scheduler
     other = Serif(client, load_config([config_dir(system={"seed": 99})]))
-    other.open()  # another config: its own run replaces the served one
+    with pytest.raises(ValueError, match="live run"):
+        other.open()  # another config's run is live: refused ...
+    other = Serif(client, load_config([config_dir(system={"seed": 99})]), replace=True)
+    other.open()  # ... unless it replaces the served one
     record = first.submit("wakeword", 0, sample).result(timeout=120)
     assert record["outcome"] == "failed"
     assert record["reason"].startswith("run-changed")
