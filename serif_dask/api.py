@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -80,6 +81,7 @@ class Serif:
         on_records: Callable[[list[dict[str, Any]]], None] | None = None,
         results_stream: str | None = None,
         replace: bool = False,
+        warm_models: bool = True,
     ):
         if not isinstance(config, SerifConfig):
             paths = [config] if isinstance(config, str | Path) else list(config)
@@ -93,6 +95,7 @@ class Serif:
         self.records_rotation = records_rotation
         self.on_records = on_records
         self.replace = replace  # end another live run on the scheduler rather than refuse
+        self.warm_models = warm_models  # load real models before the first tick
         self.results_stream: ResultsStream | None = config.system.results_stream
         if results_stream:
             base = self.results_stream or ResultsStream()
@@ -100,6 +103,7 @@ class Serif:
         self.driver: Driver | None = None
         self._adhoc: Driver | None = None  # a configured run for submit() when none ran
         self._adhoc_lock = threading.Lock()
+        self._adhoc_owned = False  # this object configured the ad-hoc run (not joined it)
         self._summary: dict[str, Any] | None = None
         self._redis: Any = None  # RedisHandle, when this run needs Redis
         if not client.asynchronous:
@@ -132,8 +136,14 @@ class Serif:
         return {"nodes": [list(n) for n in self._redis.nodes], "password": self._redis.password}
 
     def close(self) -> None:
-        """Stop what this object started (an embedded redis-server)."""
-        self._adhoc = None
+        """Stop what this object started: the ad-hoc run it configured for :meth:`submit`
+        (so that the scheduler can serve another at once) and an embedded redis-server."""
+        adhoc, self._adhoc = self._adhoc, None
+        if (adhoc is not None and self._adhoc_owned and not self.client.asynchronous
+                and self.client.status == "running"):
+            with contextlib.suppress(Exception):
+                self.client.sync(self.client.scheduler.serif_end, run_id=adhoc.run_id)
+        self._adhoc_owned = False
         if self._redis is not None:
             self._redis.stop()
             self._redis = None
@@ -158,6 +168,7 @@ class Serif:
             on_records=self.on_records,
             stop_grace_s=stop_grace_s,
             replace=self.replace,
+            warm_models=self.warm_models,
         )
 
     async def run_async(self, duration: float | None = None, progress: Any = None) -> dict:
@@ -207,8 +218,8 @@ class Serif:
         """Make :meth:`submit` possible without :meth:`run`; returns the run id it uses.
 
         A run of this object, active or finished, is used as it is. Else, when the scheduler
-        plugin serves a run of the same config (another process's ``serif-dask run``, say),
-        requests join it; otherwise this object's config, policy and seed are configured as
+        plugin serves a live run of the same config (another process's ``serif-dask run``,
+        say), requests join it; otherwise this object's config, policy and seed are configured as
         a new run (refused with ``ValueError`` while another config's run is live, unless
         ``replace=True``). Either way each
         application's SneakPeek estimator is fitted once. With a synchronous client
@@ -222,14 +233,16 @@ class Serif:
         redis = await loop.run_in_executor(None, self.prepare_redis)
         driver = Driver(self.client, self.config, self.options(0, redis=redis))
         current = await self.client.scheduler.serif_get_config()
-        if current.get("config") is not None and loads(current["config"]) == self.config:
+        live = current.get("live")
+        if live and current.get("config") is not None and loads(current["config"]) == self.config:
             driver.run_id = current["run_id"]
             await self._fit_estimators(driver)
-        elif current.get("live") and not self.replace:
+        elif live and not self.replace:
             raise ValueError(f"the scheduler serves live run {current['run_id']} of another "
                              "config; pass replace=True to end it")
         else:
             await driver.configure()
+            self._adhoc_owned = True
         self._adhoc = driver
         return driver.run_id
 

@@ -102,6 +102,9 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
               help="Dashboard address of the local cluster (default: a free port).")
 @click.option("--replace", is_flag=True,
               help="End the run the scheduler serves (its driver exits 1) and start this one.")
+@click.option("--cold-start", is_flag=True,
+              help="Do not load models before the first tick: they load on first use, as "
+              "on a restarted worker (to measure what a cold start costs).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def run(
     config: tuple[str, ...], duration: float | None, policy: str | None,
@@ -109,7 +112,7 @@ def run(
     records_max_bytes: str | None, records_rotate_every: str | None, records_keep: int,
     results_stream: str | None,
     simulate: bool, scheduler_address: str | None, dashboard_address: str | None,
-    replace: bool, quiet: bool,
+    replace: bool, cold_start: bool, quiet: bool,
 ) -> None:
     """Serve CONFIG: tick every application, schedule, score, and print a summary."""
     cfg = _load(config, simulate)
@@ -137,6 +140,7 @@ def run(
             dashboard_address=dashboard_address,
             progress=not quiet and sys.stdout.isatty(),
             replace=replace,
+            warm_models=not cold_start,
         )
     )
     if summary is not None:

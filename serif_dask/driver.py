@@ -81,6 +81,9 @@ class RunOptions:
     #: left; at most ``max_inflight_ticks`` ticks run at once (more are skipped).
     tick_grace_s: float = 5.0
     max_inflight_ticks: int = 32
+    #: Load every real model on every compute worker before the first tick; off, models
+    #: load on first use (a cold start, as a restarted worker sees it).
+    warm_models: bool = True
 
 
 @dataclass
@@ -278,7 +281,9 @@ class Driver:
                     allow_other_workers=False, pure=False,
                 )
         compute = {}
-        if any(not p.use_profile for a in self.config.apps for p in a.model_profiles):
+        if self.options.warm_models and any(
+            not p.use_profile for a in self.config.apps for p in a.model_profiles
+        ):
             compute = {w["address"]: w["name"] for w in await self._workers()
                        if w["role"] == "compute"}
         models = {}

@@ -66,6 +66,7 @@ async def run_deployment(
     dashboard_address: str | None,
     progress: bool,
     replace: bool = False,
+    warm_models: bool = True,
 ) -> tuple[dict[str, Any] | None, int]:
     """Run ``config``; return (summary, exit status)."""
     from serif_dask.cli import install_signal_handlers
@@ -105,7 +106,7 @@ async def run_deployment(
         serif = Serif(
             client, config, policy=policy, data_aware=data_aware, seed=seed, records=records,
             records_rotation=records_rotation, results_stream=results_stream,
-            replace=replace,
+            replace=replace, warm_models=warm_models,
         )
         await serif.install()
         bar = _Progress() if progress else None

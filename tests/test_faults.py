@@ -322,8 +322,9 @@ def test_redis_lost_and_back(tmp_path: Path, routes: RoutePolicy) -> None:
         with local_cluster(config) as cluster, Client(cluster) as client:
             addr = _addresses(client)
             routes.routes = {0: (LINEAR, addr["node-a"]), 1: (LINEAR, addr["node-a"])}
+            # A cold start: models load on first use, so that some are cold when Redis goes.
             run = _SteeredRun(Serif(client, config, policy="test-fault-routes", seed=3,
-                                    records=tmp_path / "r.jsonl"))
+                                    records=tmp_path / "r.jsonl", warm_models=False))
             try:
                 run.wait_for("linear warm on node-a", lambda r: r["outcome"] == "completed")
                 # mlp is cold everywhere, and node-b has nothing warm at all.
@@ -362,8 +363,9 @@ def test_redis_cluster_master_killed(tmp_path: Path, routes: RoutePolicy) -> Non
         with local_cluster(config) as dask_cluster, Client(dask_cluster) as client:
             addr = _addresses(client)
             routes.routes = {0: (LINEAR, addr["node-a"]), 1: (LINEAR, addr["node-a"])}
+            # A cold start: models load on first use, so that some are cold when Redis goes.
             run = _SteeredRun(Serif(client, config, policy="test-fault-routes", seed=3,
-                                    records=tmp_path / "r.jsonl"))
+                                    records=tmp_path / "r.jsonl", warm_models=False))
             try:
                 run.wait_for("requests served through the cluster",
                              lambda r: r["outcome"] == "completed")

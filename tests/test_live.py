@@ -115,17 +115,26 @@ def test_feed_cli_stops_cleanly_on_ctrl_c(config_dir, redis_server) -> None:
     proc = subprocess.Popen(serif_cmd("feed", str(cfg_path), "--rate", "20", "--calibration",
                                       "8"), stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
+    lines: list[str] = []  # drained as it comes, so that a full pipe never blocks the feeder
+    drain = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    drain.start()
     client = redis_server.client()
     try:
-        deadline = time.monotonic() + 60
-        while client.xlen(stream_key("audio", 0)) < 5 and time.monotonic() < deadline:
+        # Ctrl-C once it feeds (its handler is installed by then), as a user would.
+        deadline = time.monotonic() + 120
+        while not (any(x.startswith("feeding") for x in lines)
+                   and client.xlen(stream_key("audio", 0)) >= 5):
+            assert proc.poll() is None, "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
             time.sleep(0.1)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
+        proc.wait(timeout=60)
+        drain.join(10)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    err = "".join(lines)
     assert proc.returncode == 130, err
     assert "calibration: 16 labelled samples" in err and "fed " in err
     assert "Traceback" not in err

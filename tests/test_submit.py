@@ -54,7 +54,7 @@ def test_submit_without_a_run_returns_a_future_of_the_record(hospital) -> None:
     client, config = hospital
     serif = Serif(client, config, seed=2)
     samples, labels = samples_of(config, "wakeword", [3])
-    with get_task_stream(client) as stream:
+    with serif, get_task_stream(client) as stream:
         future = serif.submit("wakeword", 3, samples[0], label=int(labels[0]))
         assert isinstance(future, Future)
         record = future.result(timeout=120)
@@ -67,18 +67,26 @@ def test_submit_without_a_run_returns_a_future_of_the_record(hospital) -> None:
 
 def test_submit_composes_with_client_submit_and_gather(hospital) -> None:
     client, config = hospital
-    serif = Serif(client, config, seed=2)
     samples, labels = samples_of(config, "falldetection", list(range(8)))
-    futures = [serif.submit("falldetection", g, samples[g]) for g in range(8)]
-    futures.append(client.submit(lambda x: x + 1, 41))
-    results = client.gather(futures)
-    assert results[-1] == 42
-    for g, record in enumerate(results[:-1]):
-        check_completed(record, config, "falldetection", g)
-    assert len({r["request"] for r in results[:-1]}) == 8
-    chained = client.submit(lambda r: (r["group"], r["outcome"]),
-                            serif.submit("falldetection", 5, samples[5]))
-    assert chained.result(timeout=120) == (5, "completed")
+    with Serif(client, config, seed=2) as serif:
+        futures = [serif.submit("falldetection", g, samples[g]) for g in range(8)]
+        futures.append(client.submit(lambda x: x + 1, 41))
+        results = client.gather(futures)
+        assert results[-1] == 42
+        for g, record in enumerate(results[:-1]):
+            check_completed(record, config, "falldetection", g)
+        assert len({r["request"] for r in results[:-1]}) == 8
+        chained = client.submit(lambda r: (r["group"], r["outcome"]),
+                                serif.submit("falldetection", 5, samples[5]))
+        assert chained.result(timeout=120) == (5, "completed")
+    # Closed: the ad-hoc run it configured is over, so a run may start at once.
+    assert client.run_on_scheduler(_live_run) is None
+
+
+def _live_run(dask_scheduler) -> str | None:
+    from serif_dask.scheduler import SerifSchedulerPlugin
+
+    return dask_scheduler.plugins[SerifSchedulerPlugin.name].live_run()
 
 
 def test_submit_while_a_run_is_active(hospital, tmp_path) -> None:
