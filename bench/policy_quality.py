@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=5, help="seeds of the finalists")
     parser.add_argument("--workloads", nargs="*", choices=sorted(WORKLOADS), default=None)
     parser.add_argument("--loads", type=float, nargs="*", default=None)
+    parser.add_argument("--cells", nargs="*", default=None, metavar="WORKLOAD=L1,L2",
+                        help="only these workloads, each at its own loads "
+                        "(e.g. hospital=4,8 triage=4); overrides --workloads and --loads")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="e.g. sneakpeek fastest sneakpeek:oblivious")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of utility vs load")
@@ -328,6 +331,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quick = args.quick
     workloads = args.workloads or (QUICK["workloads"] if quick else
                                    [w for w, p in WORKLOADS.items() if p.is_dir()])
+    chosen: dict[str, tuple[float, ...]] = {}
+    for item in args.cells or ():
+        workload, _, loads_text = item.partition("=")
+        if workload not in WORKLOADS or not loads_text:
+            parser.error(f"--cells {item!r}: expected WORKLOAD=L1,L2 with WORKLOAD one of "
+                         f"{', '.join(sorted(WORKLOADS))}")
+        chosen[workload] = tuple(float(x) for x in loads_text.split(","))
+    if chosen:
+        workloads = list(chosen)
     duration = QUICK["duration"] if quick and args.duration == 20.0 else args.duration
     n_seeds = QUICK["seeds"] if quick and args.seeds == 5 else args.seeds
     names = tuple(args.variants or (QUICK["variants"] if quick else variants()))
@@ -343,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             base_dir = WORKLOADS[workload]
             base = load_config([base_dir])
             cap = capacity_groups(base)
-            loads = args.loads or (QUICK["loads"] if quick else LOADS[workload])
+            loads = chosen.get(workload) or args.loads or (
+                QUICK["loads"] if quick else LOADS[workload])
             with local_cluster(base) as cluster, Client(cluster) as client:
                 for load in loads:
                     groups = max(1, round(load * cap))

@@ -234,7 +234,8 @@ class Serif:
         driver = Driver(self.client, self.config, self.options(0, redis=redis))
         current = await self.client.scheduler.serif_get_config()
         live = current.get("live")
-        if live and current.get("config") is not None and loads(current["config"]) == self.config:
+        if live and current.get("config") is not None and (
+                loads(current["config"]) == self.config.without_secrets()):
             driver.run_id = current["run_id"]
             await self._fit_estimators(driver)
         elif live and not self.replace:

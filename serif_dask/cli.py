@@ -72,6 +72,20 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
     )
 
 
+def _security(ca_file: str | None, cert: str | None, key: str | None) -> Any:
+    """Dask ``Security`` for the --tls-* options (None: Dask's config decides)."""
+    if ca_file is None and cert is None and key is None:
+        return None
+    if ca_file is None or cert is None:
+        raise click.UsageError("TLS needs --tls-ca-file and --tls-cert (and --tls-key when "
+                               "the key is not in the certificate file)")
+    from distributed.security import Security
+
+    roles = {f"tls_{role}_{part}": value for role in ("client", "scheduler", "worker")
+             for part, value in (("cert", cert), ("key", key))}
+    return Security(tls_ca_file=ca_file, require_encryption=True, **roles)
+
+
 @cli.command()
 @click.argument("config", nargs=-1, required=True, type=click.Path())
 @click.option("--duration", type=float, default=None,
@@ -102,6 +116,12 @@ def validate(config: tuple[str, ...], simulate: bool) -> None:
               help="Dashboard address of the local cluster (default: a free port).")
 @click.option("--replace", is_flag=True,
               help="End the run the scheduler serves (its driver exits 1) and start this one.")
+@click.option("--tls-ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA certificate of the Dask cluster's TLS (as for dask scheduler/worker).")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="This client's TLS certificate (also the local cluster's, when started).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Private key of --tls-cert, if not in the same file.")
 @click.option("--cold-start", is_flag=True,
               help="Do not load models before the first tick: they load on first use, as "
               "on a restarted worker (to measure what a cold start costs).")
@@ -112,10 +132,15 @@ def run(
     records_max_bytes: str | None, records_rotate_every: str | None, records_keep: int,
     results_stream: str | None,
     simulate: bool, scheduler_address: str | None, dashboard_address: str | None,
-    replace: bool, cold_start: bool, quiet: bool,
+    replace: bool, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
+    cold_start: bool, quiet: bool,
 ) -> None:
-    """Serve CONFIG: tick every application, schedule, score, and print a summary."""
+    """Serve CONFIG: tick every application, schedule, score, and print a summary.
+
+    Without --tls-* options, Dask's own ``distributed.comm.tls.*`` config applies.
+    """
     cfg = _load(config, simulate)
+    security = _security(tls_ca_file, tls_cert, tls_key)
     if policy is not None:
         from serif_dask.policies import get_policy
 
@@ -141,6 +166,7 @@ def run(
             progress=not quiet and sys.stdout.isatty(),
             replace=replace,
             warm_models=not cold_start,
+            security=security,
         )
     )
     if summary is not None:

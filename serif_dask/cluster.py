@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from distributed import LocalCluster, Nanny
+from distributed.security import Security
 
 from serif_dask.config import SerifConfig
 from serif_dask.scheduler import DATA_PREFIX
@@ -39,9 +40,19 @@ def worker_specs(config: SerifConfig) -> dict[str, dict[str, Any]]:
     return specs
 
 
+def uses_tls(security: Security | None) -> bool:
+    """Whether ``security`` (given, or Dask's ``distributed.comm.tls.*`` config) asks for
+    TLS: encryption required, or certificates named."""
+    security = security if security is not None else Security()
+    return bool(security.require_encryption or security.tls_ca_file)
+
+
 def _new_cluster(
-    config: SerifConfig, asynchronous: bool, dashboard_address: str | None, silence_logs: Any
+    config: SerifConfig, asynchronous: bool, dashboard_address: str | None, silence_logs: Any,
+    security: Security | None = None,
 ) -> LocalCluster:
+    tls = {"protocol": "tls://", "security": security or Security()} if uses_tls(security) \
+        else {}
     cluster = LocalCluster(
         n_workers=0,
         processes=True,
@@ -51,6 +62,7 @@ def _new_cluster(
         silence_logs=silence_logs,
         memory_limit=None,
         scheduler_kwargs={"preload": ["serif_dask.scheduler"]},
+        **tls,
     )
     return cluster
 
@@ -64,16 +76,20 @@ def _add_workers(cluster: LocalCluster, config: SerifConfig) -> None:
 
 
 def local_cluster(
-    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40
+    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40,
+    security: Security | None = None,
 ) -> LocalCluster:
     """A LocalCluster with exactly the config's workers, for ``Client(local_cluster(cfg))``.
+
+    With ``security`` asking for TLS (or Dask's ``distributed.comm.tls.*`` config doing
+    so), every connection of the cluster is ``tls://`` with those certificates.
 
     The scheduler reads most of its settings when it starts; a few (the dashboard's task
     stream) only when first used, so a process hosting it for long also wants
     ``dask.config.set(serif_dask.service.service_settings())`` (``serif-dask run`` does).
     """
     with service_config():
-        cluster = _new_cluster(config, False, dashboard_address, silence_logs)
+        cluster = _new_cluster(config, False, dashboard_address, silence_logs, security)
     try:
         _add_workers(cluster, config)
         cluster.sync(cluster._correct_state)
@@ -85,11 +101,12 @@ def local_cluster(
 
 
 async def start_local_cluster(
-    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40
+    config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40,
+    security: Security | None = None,
 ) -> LocalCluster:
     """The asynchronous form of :func:`local_cluster`."""
     with service_config():
-        cluster = await _new_cluster(config, True, dashboard_address, silence_logs)
+        cluster = await _new_cluster(config, True, dashboard_address, silence_logs, security)
     try:
         _add_workers(cluster, config)
         await cluster._correct_state()

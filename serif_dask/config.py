@@ -97,6 +97,21 @@ SERIF_POLICIES = frozenset(
 #: Slots per modality in a server's shared-memory cache when the config names neither the
 #: modality nor a ``default``.
 DEFAULT_CACHE_ENTRIES = 16
+#: Sizes beyond these are a typo, not a ward: refused in one line, never an out-of-memory.
+MAX_GROUPS = 10_000_000
+MAX_SAMPLE_ELEMENTS = 10**9
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory of this machine (a cache bigger than it cannot be meant)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: no bound
+        return 2**63
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
 
 _TOP = "(top level)"
 
@@ -507,6 +522,11 @@ class SystemConfig(_Frozen):
                 i,
                 "name",
             )
+        memory = machine_memory()
+        for i, node in enumerate(self.compute_nodes):
+            if (node.model_cache_bytes or 0) > memory:
+                _fail(f"{_gib(node.model_cache_bytes)} of models is more than this machine's "
+                      f"{_gib(memory)}", "compute-nodes", i, "model-cache-bytes")
         by_name = {node.name: node for node in self.compute_nodes}
         costs: dict[str, tuple[int, float]] = {}
         for i, node in enumerate(self.compute_nodes):
@@ -758,6 +778,15 @@ class Modality(_Frozen):
     def _simulate(cls, value: bool, info: ValidationInfo) -> bool:
         return True if _simulating(info) else value
 
+    @field_validator("synthetic_shape")
+    @classmethod
+    def _bounded_shape(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if math.prod(value) > MAX_SAMPLE_ELEMENTS:
+            raise PydanticCustomError("serif", "{message}", {"message": (
+                f"a sample of shape {list(value)} has {math.prod(value):,} elements, above "
+                f"the {MAX_SAMPLE_ELEMENTS:,} serif-dask supports")})
+        return value
+
 
 class Server(_Frozen):
     """``data.json`` ``servers[i]``: a request-generating node (a Dask worker, ``DATA=1``).
@@ -826,6 +855,14 @@ class DataConfig(_Frozen):
             )
         return owners
 
+    @field_validator("num_groups")
+    @classmethod
+    def _bounded_groups(cls, value: int) -> int:
+        if value > MAX_GROUPS:
+            raise PydanticCustomError("serif", "{message}", {"message": (
+                f"{value:,} groups is above the {MAX_GROUPS:,} serif-dask supports")})
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         for i, first in _duplicates(self.modality_names):
@@ -843,6 +880,14 @@ class DataConfig(_Frozen):
                 "name",
             )
         known = set(self.modality_names)
+        memory = machine_memory()
+        for s, server in enumerate(self.servers):
+            cache = sum(server.cache_entries(m.name) * m.cache_entry_size
+                        for m in self.data_modalities)
+            if cache > memory:
+                _fail(f"the shared-memory input cache would take {_gib(cache)}, more than "
+                      f"this machine's {_gib(memory)}", "servers", s,
+                      "cache-entries-per-modality")
         owners: dict[tuple[str, int], int] = {}
         for s, server in enumerate(self.servers):
             for key in server.cache_entries_per_modality:
@@ -984,6 +1029,16 @@ class SerifConfig(_Frozen):
             "data": self.data.model_dump(mode="json", by_alias=True),
         }
 
+    def without_secrets(self) -> SerifConfig:
+        """This config with no Redis password: what the scheduler (and any client that asks
+        it) may hold. Workers get the password in their ``RedisCredentials`` plugin."""
+        redis = self.system.redis
+        if redis is None or redis.password is None:
+            return self
+        system = self.system.model_copy(update={"redis": redis.model_copy(
+            update={"password": None})})
+        return self.model_copy(update={"system": system})
+
     # -- cross-file checks -----------------------------------------------------------------
 
     @model_validator(mode="after")
@@ -1029,6 +1084,14 @@ class SerifConfig(_Frozen):
                         *at,
                         file="data",
                     )
+            if modality.use_synthetic_data and modality.impl is None:
+                classes = max((app.k for app in self.apps
+                               if modality.name in {p.modality for p in app.model_profiles}),
+                              default=0)
+                if math.prod(modality.synthetic_shape) < classes:
+                    _fail(f"synthetic samples of shape {list(modality.synthetic_shape)} cannot "
+                          f"hold {classes} classes (fewer elements than classes)",
+                          "data-modalities", i, "synthetic-shape", file="data")
             if modality.impl == LIVE_READER and not self.system.redis_nodes:
                 _fail(
                     f"modality {modality.name!r} reads live Redis streams, which needs "

@@ -123,7 +123,9 @@ def redis_client(plugin: Any) -> Any:
         from serif_dask.redis_server import tls_options
 
         tls = tls_options(plugin.config.system) if plugin.config is not None else {}
-        plugin.redis = connect([tuple(n) for n in info["nodes"]], info.get("password"), **tls)
+        from serif_dask.worker import redis_password
+
+        plugin.redis = connect([tuple(n) for n in info["nodes"]], redis_password(), **tls)
     return plugin.redis
 
 

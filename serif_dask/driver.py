@@ -25,6 +25,7 @@ from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.config import Application, SerifConfig
 from serif_dask.errors import RunRefused
+from serif_dask.membership import Membership, membership
 from serif_dask.records import (
     PEEK_MODEL,
     Chunk,
@@ -43,6 +44,7 @@ from serif_dask.tasks import (
     warm_data_task,
     warm_models_task,
 )
+from serif_dask.worker import RedisCredentials
 
 logger = logging.getLogger("serif_dask.driver")
 
@@ -205,6 +207,7 @@ class Driver:
         self.scheduler_lost = False
         self.configured = False
         self.replaced_by: str | None = None  # the run that took the scheduler over
+        self.members: Membership | None = None  # live workers, pushed by the plugin
         # Plans are made in tick order (due time, then application), whatever order their
         # reads finish in: the planner's state then depends only on config and seed.
         self._next_seq = 0
@@ -214,17 +217,23 @@ class Driver:
 
     # -- set-up --------------------------------------------------------------------------
     async def configure(self) -> None:
+        redis = dict(self.options.redis or {})
+        # The password goes to the workers in a plugin the client registers, never to the
+        # scheduler plugin, whose config reply any client may ask for.
+        password = redis.pop("password", None)
         reply = await self.client.scheduler.serif_configure(
-            config=dumps(self.config),
+            config=dumps(self.config.without_secrets()),
             run_id=self.run_id,
             policy=self.options.policy,
             data_aware=self.options.data_aware,
             seed=self.options.seed,
-            redis=self.options.redis,
+            redis=redis or None,
             replace=self.options.replace,
         )
         if reply.get("refused"):
             raise RunRefused(reply["refused"])
+        if self.options.redis is not None:  # before any task of the run needs Redis
+            await self.client.register_plugin(RedisCredentials(password))
         self.configured = True
         data = await self._data_workers()
         steps: dict[str, Future] = {}
@@ -332,7 +341,23 @@ class Driver:
                            PREPARE_LIMIT_S)
 
     async def _workers(self) -> list[dict[str, Any]]:
-        return (await self.client.scheduler.serif_state())["workers"]
+        """Live workers, kept current by the plugin's pushed events (no round trip)."""
+        if self.members is None:
+            self.members = await membership(self.client)
+        return list(self.members.workers.values())
+
+    async def _wait(self, waiting: Any, timeout: float) -> set:
+        """``asyncio.wait`` for the first of ``waiting``, the timeout, or a worker change."""
+        if self.members is None:
+            self.members = await membership(self.client)
+        change = self.members.changed()
+        try:
+            done, _ = await asyncio.wait([*waiting, change], timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            change.cancel()
+        done.discard(change)
+        return done
 
     async def _data_workers(self) -> dict[str, str]:
         return {w["node"]: w["address"] for w in await self._workers() if w["role"] == "data"}
@@ -784,14 +809,14 @@ class Driver:
                     lost.update(dict.fromkeys(waiting.values(), "read-timeout"))
                     self._watch_stuck({f.key for s, f in reads[mod] if s in lost})
                     break
-                done, _ = await asyncio.wait(waiting, timeout=timeout)
+                done = await self._wait(waiting, timeout)
                 for task in done:
                     server = waiting.pop(task)
                     error = task.result()
                     if error is not None:
                         reason = "reader-lost" if "KilledWorker" in error else "reader-error"
                         lost[server] = f"{reason}: {error}"[:200]
-                if waiting and not done:
+                if waiting:
                     alive = {w["address"] for w in await self._workers()}
                     for task, server in list(waiting.items()):
                         if data[server]["address"] not in alive:
@@ -895,7 +920,7 @@ class Driver:
         app, tick, arrival = ctx.app, ctx.tick, ctx.arrival
         waiting = {asyncio.ensure_future(self._result(f)): f for f in batches}
         while waiting:
-            done, _ = await asyncio.wait(waiting, timeout=1.0, return_when="FIRST_COMPLETED")
+            done = await self._wait(waiting, timeout=1.0)
             for task in done:
                 fut = waiting.pop(task)
                 batch = batches[fut]
@@ -906,7 +931,7 @@ class Driver:
                     continue
                 self._record_result(app, tick, arrival, result, pi, record, fail)
                 self._measured(app, batch, result)
-            if waiting and not done:
+            if waiting:
                 alive = {w["address"] for w in await self._workers()}
                 for task, fut in list(waiting.items()):
                     batch = batches[fut]

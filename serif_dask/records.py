@@ -295,6 +295,7 @@ class RecordLog:
     def open(self) -> None:
         if self.path is not None and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)  # also when the file was there before, with looser modes
             self._file = os.fdopen(fd, "w", encoding="utf-8")
             self._opened = time.monotonic()
 

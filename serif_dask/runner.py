@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from distributed import Client
+from distributed.security import Security
 
 from serif_dask.api import Serif
 from serif_dask.config import SerifConfig
@@ -67,6 +68,7 @@ async def run_deployment(
     progress: bool,
     replace: bool = False,
     warm_models: bool = True,
+    security: Security | None = None,
 ) -> tuple[dict[str, Any] | None, int]:
     """Run ``config``; return (summary, exit status)."""
     from serif_dask.cli import install_signal_handlers
@@ -86,7 +88,14 @@ async def run_deployment(
     try:
         stopped = install_signal_handlers(lambda: serif.stop() if serif else None)
         if scheduler_address:
-            pending = Client(scheduler_address, asynchronous=True, timeout="20s")
+            from serif_dask.cluster import uses_tls
+
+            if scheduler_address.startswith("tls://") and not uses_tls(security):
+                raise RunFailed(f"cannot reach scheduler {scheduler_address}: it speaks TLS; "
+                                "pass --tls-ca-file and --tls-cert (or set Dask's "
+                                "distributed.comm.tls config)")
+            pending = Client(scheduler_address, asynchronous=True, timeout="20s",
+                             security=security)
             try:
                 client = await pending
             except (OSError, TimeoutError) as exc:
@@ -97,8 +106,9 @@ async def run_deployment(
         else:
             from serif_dask.cluster import start_local_cluster
 
-            cluster = await start_local_cluster(config, dashboard_address=dashboard_address)
-            client = await Client(cluster, asynchronous=True)
+            cluster = await start_local_cluster(config, dashboard_address=dashboard_address,
+                                                security=security)
+            client = await Client(cluster, asynchronous=True, security=cluster.security)
             host = cluster.scheduler.address
             logger.info("local cluster at %s, dashboard %s", host, cluster.dashboard_link)
         if stopped:

@@ -52,6 +52,8 @@ LIVE_TIMEOUT_S = 60.0
 DRIFT_TOLERANCE = 1.3
 #: Weight of the newest batch in the running ratio of measured to profiled time.
 DRIFT_WEIGHT = 0.3
+#: The Dask event topic on which the plugin announces workers that join or leave.
+WORKERS_TOPIC = "serif-workers"
 #: Workers that left, remembered for the dashboard: the most recent ones only.
 LOST_WORKERS_KEPT = 256
 
@@ -145,7 +147,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.slack = 1.0
         self.config: SerifConfig | None = None
         self.config_bytes: bytes | None = None
-        self.redis_info: dict[str, Any] | None = None  # never logged: may hold a password
+        self.redis_info: dict[str, Any] | None = None  # Redis nodes, never a password
         self.run_id: str | None = None
         self.table: ModelTable | None = None
         self.policy_name = ""
@@ -187,12 +189,15 @@ class SerifSchedulerPlugin(SchedulerPlugin):
     def add_worker(self, scheduler: Scheduler, worker: str) -> None:
         try:
             self._track_worker(worker)
+            self._announce(worker)
         except Exception:
             self.hook_errors += 1
             logger.exception("serif: add_worker hook failed for %s", worker)
 
     def remove_worker(self, scheduler: Scheduler, worker: str, **kwargs: Any) -> None:
         try:
+            # Drivers learn of it at once, pushed (``Client.subscribe_topic``), not polled.
+            self.scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": worker})
             state = self.workers.pop(worker, None)
             if state is not None:
                 self.lost_workers[worker] = time.time()
@@ -303,7 +308,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.table = ModelTable.from_config(parsed)
         self.policy_name, self.policy = policy, policy_obj
         self.data_aware, self.seed = bool(data_aware), int(seed)
-        self.redis_info = redis
+        # Nodes only: a password reaches workers in their RedisCredentials plugin.
+        self.redis_info = {k: v for k, v in redis.items() if k != "password"} if redis else None
         self.run_started = time.time()
         self.slack = SLACK_SLA_FRACTION * min(app.sla_latency for app in parsed.apps)
         self.score_prior = {}
@@ -349,8 +355,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         state = self.workers.get(worker)
         if state is None:
             return
-        if node is not None:
+        if node is not None and node != state.host_node:
             state.host_node = node
+            self._announce(worker)
         for name in warm:
             state.warm.setdefault(name, None)
         for name in cold or ():
@@ -587,8 +594,20 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             state = self.workers.get(address)
             if state is not None and isinstance(reply, dict):
                 # Workers drop the previous run's models on its first task: start cold.
-                state.host_node = reply.get("node") or state.host_node
+                node = reply.get("node") or state.host_node
+                if node != state.host_node:
+                    state.host_node = node
+                    self._announce(address)
                 state.warm = {}
+
+    def _announce(self, address: str) -> None:
+        """Publish a worker that joined or changed (its description) on ``WORKERS_TOPIC``."""
+        state = self.workers.get(address)
+        if state is not None:
+            self.scheduler.log_event(WORKERS_TOPIC, {
+                "action": "add", "worker": address, "name": state.name, "role": state.role,
+                "node": state.node, "host_node": state.host_node,
+            })
 
     def _describe_workers(self, now: float | None = None) -> list[dict[str, Any]]:
         now = time.time() if now is None else now

@@ -105,6 +105,25 @@ def test_password_run_works_and_leaks_nothing(config_dir, tmp_path: Path,
                 v if isinstance(v, bytes) else str(v).encode() for v in fields.values())
 
 
+def test_password_reaches_workers_but_no_handler_reply(config_dir, tmp_path: Path,
+                                                       redis_password_server) -> None:
+    """Any client of the scheduler may call ``serif_get_config``: it holds the Redis nodes,
+    never the password, which the workers get in their ``RedisCredentials`` plugin."""
+    from distributed import Client
+
+    from serif_dask import Serif, load_config, local_cluster
+
+    config = load_config([_secure_ward(config_dir, tmp_path, redis_password_server, PASSWORD)])
+    with local_cluster(config) as cluster, Client(cluster) as client:
+        with Serif(client, config, policy="fastest", seed=1) as serif:
+            summary = serif.run(duration=3)
+        assert summary["per_app"]["wakeword"]["completed"] > 0  # weights loaded with it
+        with Client(cluster.scheduler_address) as other:  # another client of the scheduler
+            reply = other.sync(other.scheduler.serif_get_config)
+        assert reply["redis"]["nodes"] and "password" not in reply["redis"]
+        assert "s3cret" not in repr(reply)
+
+
 @pytest.mark.parametrize("password", ["wrong password", None])
 def test_bad_password_is_one_line(config_dir, tmp_path: Path, redis_password_server,
                                   password: str | None) -> None:
@@ -218,3 +237,16 @@ def test_dashboard_page_has_no_controls() -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(post, timeout=30)
         assert err.value.code == 405
+
+
+def test_records_file_is_private_even_when_it_existed(tmp_path: Path) -> None:
+    from serif_dask.records import RecordLog
+
+    path = tmp_path / "r.jsonl"
+    path.write_text("old\n")
+    path.chmod(0o644)
+    log = RecordLog(path)
+    log.open()
+    log.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert path.read_text() == ""  # a new run's file

@@ -1,0 +1,93 @@
+"""The scheduler's workers as a driver sees them, pushed rather than polled.
+
+The scheduler plugin publishes every worker that joins, changes (its shared-memory node)
+or leaves on the Dask event topic :data:`serif_dask.scheduler.WORKERS_TOPIC`; a client
+subscribes once (``Client.subscribe_topic``) and keeps the set current. A tick then reads
+it without a round trip, and a tick waiting on a worker wakes the moment it leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from typing import Any
+
+from distributed import Client
+
+from serif_dask.scheduler import WORKERS_TOPIC
+
+_FIELDS = ("address", "name", "role", "node", "host_node")
+
+
+class Membership:
+    """Live workers by address: ``{address, name, role, node, host_node}`` each."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.workers: dict[str, dict[str, Any]] = {}
+        self._waiters: list[asyncio.Future] = []
+        self._started: asyncio.Future | None = None
+        self._during_start: list[dict[str, Any]] | None = None
+
+    @property
+    def alive(self) -> set[str]:
+        return set(self.workers)
+
+    def of_role(self, role: str) -> list[dict[str, Any]]:
+        return [w for w in self.workers.values() if w["role"] == role]
+
+    async def start(self) -> None:
+        """Subscribe, then take one snapshot; events seen meanwhile are applied after it."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        self._during_start = []
+        self.client.subscribe_topic(WORKERS_TOPIC, self._on_event)
+        try:
+            state = await self.client.scheduler.serif_state()
+            self.workers = {w["address"]: {k: w[k] for k in _FIELDS}
+                            for w in state["workers"]}
+            for msg in self._during_start:  # in order: a leave after the snapshot holds
+                self._apply(msg)
+        finally:
+            self._during_start = None
+
+    def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        _, msg = event
+        if self._during_start is not None:
+            self._during_start.append(msg)
+        self._apply(msg)
+
+    def _apply(self, msg: dict[str, Any]) -> None:
+        if msg.get("action") == "remove":
+            self.workers.pop(msg["worker"], None)
+        else:
+            self.workers[msg["worker"]] = {
+                "address": msg["worker"], **{k: msg.get(k) for k in _FIELDS[1:]}}
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def changed(self) -> asyncio.Future:
+        """A future that resolves at the next join, change or leave; cancel it when no
+        longer wanted (cancelled ones are dropped here, so they never pile up)."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters = [w for w in self._waiters if not w.done()]
+        self._waiters.append(waiter)
+        return waiter
+
+
+#: One per client: a topic has one handler per client, and drivers sharing a client share it.
+_BY_CLIENT: weakref.WeakKeyDictionary[Client, Membership] = weakref.WeakKeyDictionary()
+
+
+async def membership(client: Client) -> Membership:
+    """The started :class:`Membership` of ``client``."""
+    found = _BY_CLIENT.get(client)
+    if found is None:
+        found = _BY_CLIENT[client] = Membership(client)
+    await found.start()
+    return found
