@@ -73,7 +73,20 @@ def derive(
     docs = copy.deepcopy(load_docs(base))
     if num_groups is not None:
         docs["data"]["num-groups"] = int(num_groups)
+        _replay_streams(docs["data"], int(num_groups))
+        # Shared-memory caches sized for the base's groups hold two ticks of the new ones.
+        servers = docs["data"]["servers"]
+        need = 2 * -(-int(num_groups) // len(servers))
+        for server in servers:
+            entries = server.get("cache-entries-per-modality")
+            if entries:
+                server["cache-entries-per-modality"] = {k: max(v, need)
+                                                        for k, v in entries.items()}
     for app in docs["application"]["applications"]:
+        for profile in app["model-profiles"]:  # the copy lives elsewhere: weights stay
+            weights = profile.get("model-weights")
+            if weights and not Path(weights).is_absolute():
+                profile["model-weights"] = str((base / weights).resolve())
         if sample_duration is not None:
             app["sample-duration"] = sample_duration
         if latency is not None:
@@ -89,6 +102,25 @@ def derive(
         if retrieval is not None:
             mod["retrieval-latencies"] = dict.fromkeys(mod["retrieval-latencies"], retrieval)
     return write_config(docs, target)
+
+
+def _replay_streams(data: dict[str, Any], groups: int) -> None:
+    """More groups than a real-data config lists streams for: the extra groups replay the
+    listed ones (group g reads what group g mod listed reads), spread over the servers."""
+    servers = data["servers"]
+    for mod in data["data-modalities"]:
+        if mod.get("use-synthetic-data", True):
+            continue
+        name = mod["name"]
+        listed = {int(g): v for s in servers for g, v in s.get("streams", {}).get(name, {}).items()}
+        if not listed or len(listed) >= groups:
+            continue
+        order = sorted(listed)
+        for g in range(groups):
+            if g not in listed:
+                server = servers[g % len(servers)]
+                server.setdefault("streams", {}).setdefault(name, {})[str(g)] = \
+                    listed[order[g % len(order)]]
 
 
 _KEY = re.compile(r"^(serif-(?:read|peek|score))-([0-9a-f]+)-(.+)-(\d+)(?:\.\d+)?-")

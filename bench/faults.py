@@ -12,6 +12,13 @@ kills real processes with SIGKILL:
   hold ~one model, so loads keep happening: warm models serve, cold ones fall back to a
   warm one or fail ``weights-unavailable``, and loading resumes when Redis is back.
 * ``bad-input``: a reader that raises for group 1 and gives NaN for group 2, every tick.
+* ``hung-reader``: ``data@bay-a``'s read of tick 3 sleeps 120 s (a stuck sensor): its
+  groups fail ``read-timeout`` at the tick's deadline, later ticks go on.
+* ``hung-model``: ``configs/digits``' linear model wedges in one forward on ``node-a`` for
+  120 s: that tick fails ``score-timeout``, and the worker still running it is restarted
+  through its nanny after the driver's ``STUCK_S``.
+* ``mid-batch-kill``: fall detection alone, one 5 s batch of all 16 groups on ``bay-a``,
+  whose worker is SIGKILLed 1 s into it: the batch is planned again on the survivors.
 
 The ward is ``configs/hospital`` with 16 groups and thumbnail samples (video [3, 2, 8, 8],
 audio [256]); ``redis-lost`` uses the digits example's 32 groups. Per scenario,
@@ -40,6 +47,7 @@ from typing import Any
 from distributed import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests.fault_kit
 from _common import ROOT, derive, emit, load_docs, machine, write_config  # noqa: E402
 
 from serif_dask import Serif, load_config, local_cluster  # noqa: E402
@@ -182,6 +190,75 @@ def bad_input(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
         sys.path.remove(str(tmp))
 
 
+def with_env(name: str, value: str, go: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``go()`` with ``$name`` set, which the cluster's worker processes inherit."""
+    os.environ[name] = value
+    try:
+        return go()
+    finally:
+        os.environ.pop(name, None)
+
+
+def hung_reader(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
+    from tests.fault_kit import HANG_ENV
+
+    config = derive(tmp / "hung-reader", num_groups=GROUPS, shapes=SHAPES)
+    docs = load_docs(config)
+    for mod in docs["data"]["data-modalities"]:
+        mod["impl"] = "tests.fault_kit:HangingReader"
+    write_config(docs, config)
+    return with_env(HANG_ENV, "bay-a:3:120", lambda: run(
+        config, tmp / "hung-reader.jsonl", duration, "sneakpeek", seed))
+
+
+def hung_model(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
+    from tests.fault_kit import HANG_MODEL_ENV
+
+    server = EmbeddedRedis().start()
+    try:
+        config = digits_on(tmp / "hung-model", server.port, cache_bytes=10**7)
+        docs = load_docs(config)
+        for profile in docs["application"]["applications"][0]["model-profiles"]:
+            if profile["name"] == "digits-linear":
+                profile["impl"] = "tests.fault_kit:HangingDigits"
+        write_config(docs, config)
+        # forward 1 is the warm-up; the fifth wedges (one per tick once served).
+        return with_env(HANG_MODEL_ENV, f"{tmp / 'hung-model.marker'}:120:5", lambda: run(
+            config, tmp / "hung-model.jsonl", duration, "fastest", seed))
+    finally:
+        server.stop()
+
+
+def mid_batch_kill(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
+    """SIGKILL ``bay-a`` one second into its first score batch (seen on the scheduler)."""
+    docs = load_docs(derive(tmp / "mid-batch", num_groups=GROUPS, shapes=SHAPES))
+    app = docs["application"]["applications"][0]
+    app.update({"sla-latency": 6.0, "sample-duration": 8})
+    for profile in app["model-profiles"]:
+        profile["latencies"] = {n: [0.3, 0.05] for n in ("bay-a", "bay-b", "bay-c")}
+    docs["application"]["applications"] = [app]
+    config = write_config(docs, tmp / "mid-batch")
+
+    def faults(client: Client) -> list[tuple[float, Callable[[], None]]]:
+        info = client.scheduler_info(n_workers=-1)["workers"]
+        victim = next(a for a, w in info.items() if w["name"] == "bay-a")
+        pid = client.run(os.getpid, workers=[victim])[victim]
+
+        def kill_in_batch() -> None:
+            deadline = time.monotonic() + duration
+            while time.monotonic() < deadline:
+                running = client.processing(workers=[victim]).get(victim, ())
+                if any("serif-score" in str(k) for k in running):
+                    time.sleep(1.0)
+                    os.kill(pid, signal.SIGKILL)
+                    return
+                time.sleep(0.05)
+
+        return [(0.0, kill_in_batch)]
+
+    return run(config, tmp / "mid-batch.jsonl", max(duration, 20.0), "sneakpeek", seed, faults)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 s per scenario (< 2 minutes)")
@@ -205,6 +282,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 kill_worker("data@bay-a", 0.3 * duration)),
             "redis-lost": lambda: redis_lost(tmp, duration, args.seed),
             "bad-input": lambda: bad_input(tmp, duration, args.seed),
+            "hung-reader": lambda: hung_reader(tmp, duration, args.seed),
+            "hung-model": lambda: hung_model(tmp, duration, args.seed),
+            "mid-batch-kill": lambda: mid_batch_kill(tmp, duration, args.seed),
         }
         for scenario, go in scenarios.items():
             if args.only and scenario not in args.only:

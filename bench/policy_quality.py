@@ -184,7 +184,7 @@ def _variance(config: SerifConfig, records: list[dict[str, Any]]) -> float:
 
 # ----------------------------------------------------------------------------- runs
 def run_one(client: Client, config: SerifConfig, variant: str, seed: int, duration: float,
-            tmp: Path) -> dict[str, Any]:
+            tmp: Path, tag: dict[str, Any] | None = None) -> dict[str, Any]:
     policy, _, mode = variant.partition(":")
     records = tmp / f"{variant.replace(':', '-')}-{seed}.jsonl"
     s = Serif(client, config, policy=policy, data_aware=mode != "oblivious", seed=seed,
@@ -208,7 +208,7 @@ def run_one(client: Client, config: SerifConfig, variant: str, seed: int, durati
     if mode == "oblivious" and row["mean_utility"] > row["oblivious_bound"] + row["noise"]:
         raise AssertionError(f"{variant} seed {seed} earned {row['mean_utility']} above the "
                              f"data-oblivious bound {row['oblivious_bound']} (+{row['noise']})")
-    print(json.dumps(row), file=sys.stderr, flush=True)
+    print(json.dumps((tag or {}) | row), file=sys.stderr, flush=True)  # --rows reads these
     return row
 
 
@@ -226,12 +226,22 @@ def paired(rows: list[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
 
 
 def run_cell(client: Client, config: SerifConfig, names: tuple[str, ...], seeds: list[int],
-             duration: float, tmp: Path) -> dict[str, Any]:
-    rows = [run_one(client, config, v, seeds[0], duration, tmp) for v in names]
+             duration: float, tmp: Path, tag: dict[str, Any]) -> dict[str, Any]:
+    rows = [tag | run_one(client, config, v, seeds[0], duration, tmp, tag) for v in names]
     first = {r["variant"]: r["mean_utility"] for r in rows}
     others = sorted((v for v in names if v != MAIN), key=lambda v: -first[v])[:2]
     for seed in seeds[1:]:
-        rows += [run_one(client, config, v, seed, duration, tmp) for v in (MAIN, *others)]
+        rows += [tag | run_one(client, config, v, seed, duration, tmp, tag)
+                 for v in (MAIN, *others)]
+    return aggregate(rows)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One cell's figures from its runs (those of ``run_cell``, or rows saved earlier)."""
+    names = tuple(dict.fromkeys(r["variant"] for r in rows))
+    first_seed = rows[0]["seed"]
+    first = {r["variant"]: r["mean_utility"] for r in rows if r["seed"] == first_seed}
+    others = sorted((v for v in names if v != MAIN), key=lambda v: -first[v])[:2]
     mean = {v: float(np.mean([r["mean_utility"] for r in rows if r["variant"] == v]))
             for v in names}
     best = max(mean, key=mean.get)
@@ -325,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "(e.g. hospital=4,8 triage=4); overrides --workloads and --loads")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="e.g. sneakpeek fastest sneakpeek:oblivious")
+    parser.add_argument("--rows", type=Path, nargs="*", default=(),
+                        help="runs saved earlier (the JSON lines this bench prints on stderr): "
+                        "their cells join the result, and are not run again")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of utility vs load")
     parser.add_argument("--readme", action="store_true", help="rewrite the README table")
     args = parser.parse_args(argv)
@@ -349,6 +362,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     started = time.time()
     cells: dict[str, dict[str, dict[str, Any]]] = {}
+    saved: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for path in args.rows:
+        for line in path.read_text().splitlines():
+            if line.startswith("{") and '"workload"' in line:
+                row = json.loads(line)
+                saved.setdefault((row["workload"], str(row["load"])), []).append(row)
+    for (workload, load), rows in saved.items():
+        cells.setdefault(workload, {})[load] = aggregate(rows) | {"groups": rows[0]["groups"]}
+    if args.rows and not args.cells:
+        workloads = []  # only what was saved
     with tempfile.TemporaryDirectory(prefix="serif-bench-quality-") as tmp_name:
         tmp = Path(tmp_name)
         for workload in workloads:
@@ -359,10 +382,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 QUICK["loads"] if quick else LOADS[workload])
             with local_cluster(base) as cluster, Client(cluster) as client:
                 for load in loads:
+                    if str(load) in cells.get(workload, {}):
+                        continue  # saved
                     groups = max(1, round(load * cap))
                     config = load_config([derive(tmp / f"{workload}-{load}",
                                                  num_groups=groups, base=base_dir)])
-                    cell = run_cell(client, config, names, seeds, duration, tmp)
+                    tag = {"workload": workload, "load": load, "groups": groups}
+                    cell = run_cell(client, config, names, seeds, duration, tmp, tag)
                     cell["groups"] = groups
                     cells.setdefault(workload, {})[str(load)] = cell
     summary = {

@@ -8,7 +8,6 @@ stopped by SIGINT/SIGTERM.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import logging
@@ -590,19 +589,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_RUNTIME)
     if isinstance(status, int) and status:  # a command's ctx.exit(status)
         sys.exit(status)
-
-
-def install_signal_handlers(stop: Any) -> dict[int, int]:
-    """SIGINT/SIGTERM stop the run gracefully; returns a dict filled with what arrived."""
-    got: dict[int, int] = {}
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        def handler(sig: int = sig) -> None:
-            got[sig] = got.get(sig, 0) + 1
-            stop()
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, handler)
-    return got
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,7 +15,7 @@ from distributed import LocalCluster, Nanny
 from distributed.security import Security
 
 from serif_dask.config import SerifConfig
-from serif_dask.scheduler import DATA_PREFIX
+from serif_dask.roles import DATA_PREFIX
 from serif_dask.service import service_config, worker_config
 
 

@@ -31,6 +31,16 @@ class InputUnavailable(RuntimeError):
     """A request's input cannot be had any more (slot reused, key expired)."""
 
 
+def import_torch() -> None:
+    """Import torch once per worker process, sized for several workers per node."""
+    import torch
+
+    # One intra-op thread per worker: several workers share a node's cores, and oversized
+    # thread pools made small batches stall for tens of milliseconds.
+    torch.set_num_threads(1)
+
+
+
 def shm_cache(plugin: Any, config: SerifConfig, modality: str, server: str) -> Any:
     """The shared-memory cache this data worker writes for ``modality``: created on first
     use and kept (mapped, pages faulted in) for the whole run."""
@@ -123,7 +133,7 @@ def redis_client(plugin: Any) -> Any:
         from serif_dask.redis_server import tls_options
 
         tls = tls_options(plugin.config.system) if plugin.config is not None else {}
-        from serif_dask.worker import redis_password
+        from serif_dask.credentials import redis_password
 
         plugin.redis = connect([tuple(n) for n in info["nodes"]], redis_password(), **tls)
     return plugin.redis
@@ -342,9 +352,7 @@ def load_model(plugin: Any, app: Application, profile: ModelProfile) -> tuple[An
     module_name, _, attr = profile.impl.partition(":")
     import importlib
 
-    from serif_dask.worker import _import_torch
-
-    _import_torch()
+    import_torch()
     cls = getattr(importlib.import_module(module_name), attr)
     t0 = time.perf_counter()
     data = WeightStore(redis_client(plugin)).fetch(profile.redis_key or profile.name)

@@ -24,6 +24,7 @@ from distributed import Client, Future
 from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.config import Application, SerifConfig
+from serif_dask.credentials import RedisCredentials
 from serif_dask.errors import RunRefused
 from serif_dask.membership import Membership, membership
 from serif_dask.records import (
@@ -44,7 +45,6 @@ from serif_dask.tasks import (
     warm_data_task,
     warm_models_task,
 )
-from serif_dask.worker import RedisCredentials
 
 logger = logging.getLogger("serif_dask.driver")
 
@@ -103,6 +103,9 @@ class _TickProgress:
 
     stage: str = "read"  # read, peek, plan, score
     reads: dict[str, list[tuple[str, Future]]] = field(default_factory=dict)
+    #: Per group, the labels the reads carried (-1: unknown), once the peeks are in: kept
+    #: on failed records too, so that what a failure cost shows as for a drop.
+    labels: np.ndarray | None = None
 
 
 @dataclass
@@ -513,7 +516,10 @@ class Driver:
         def fail(which: np.ndarray, reason: str, model: str = "", worker: str = "") -> None:
             which = which[pending[which]]
             if which.size:
-                record(self._chunk(app, tick, which, arrival, "failed", reason, model, worker))
+                chunk = self._chunk(app, tick, which, arrival, "failed", reason, model, worker)
+                if progress.labels is not None:
+                    chunk.label = progress.labels[which]
+                record(chunk)
 
         futures: list[Future] = []
         progress = _TickProgress()
@@ -573,7 +579,8 @@ class Driver:
         unfinished = [f for f in futures if f.status not in ("finished", "error", "cancelled")]
         if unfinished:
             self._watch_stuck({f.key for f in unfinished})
-            self.client.cancel(unfinished)
+            cancel = asyncio.ensure_future(self.client.cancel(unfinished, asynchronous=True))
+            cancel.add_done_callback(lambda t: t.cancelled() or t.exception())  # best effort
 
     def _watch_stuck(self, keys: set[str]) -> None:
         task = asyncio.ensure_future(self._restart_if_stuck(keys))
@@ -682,6 +689,7 @@ class Driver:
         for result in results:
             scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
             labels[result["groups"]] = result["labels"]
+        progress.labels = labels
         if all(p.modality == peek_mod for p in app.model_profiles):
             # no model could serve a group whose only input failed: do not plan it
             by_reason: dict[str, list[int]] = {}

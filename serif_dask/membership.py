@@ -9,6 +9,10 @@ it without a round trip, and a tick waiting on a worker wakes the moment it leav
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+import uuid
 import weakref
 from typing import Any
 
@@ -16,7 +20,12 @@ from distributed import Client
 
 from serif_dask.scheduler import WORKERS_TOPIC
 
+logger = logging.getLogger("serif_dask.membership")
+
 _FIELDS = ("address", "name", "role", "node", "host_node")
+#: How long to wait for the first echo of a ping, and for all of them.
+PING_WAIT_S = 0.2
+PING_LIMIT_S = 10.0
 
 
 class Membership:
@@ -28,6 +37,8 @@ class Membership:
         self._waiters: list[asyncio.Future] = []
         self._started: asyncio.Future | None = None
         self._during_start: list[dict[str, Any]] | None = None
+        self._token: str | None = None
+        self._pinged: asyncio.Future | None = None
 
     @property
     def alive(self) -> set[str]:
@@ -46,6 +57,20 @@ class Membership:
         self._during_start = []
         self.client.subscribe_topic(WORKERS_TOPIC, self._on_event)
         try:
+            # The subscription goes on the client's batched stream, which a handler call
+            # may overtake: ping until our own echo comes back, then take the snapshot, so
+            # that no change falls between the two.
+            token = uuid.uuid4().hex
+            self._pinged = asyncio.get_running_loop().create_future()
+            self._token = token
+            deadline = time.monotonic() + PING_LIMIT_S
+            while not self._pinged.done() and time.monotonic() < deadline:
+                await self.client.scheduler.serif_workers_ping(token=token)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._pinged), PING_WAIT_S)
+            if not self._pinged.done():
+                logger.warning("serif: worker events did not arrive in %.0f s; the view of "
+                               "the workers may lag", PING_LIMIT_S)
             state = await self.client.scheduler.serif_state()
             self.workers = {w["address"]: {k: w[k] for k in _FIELDS}
                             for w in state["workers"]}
@@ -55,12 +80,19 @@ class Membership:
             self._during_start = None
 
     def _on_event(self, event: tuple[float, dict[str, Any]]) -> None:
-        _, msg = event
-        if self._during_start is not None:
-            self._during_start.append(msg)
-        self._apply(msg)
+        try:
+            _, msg = event
+            if self._during_start is not None:
+                self._during_start.append(msg)
+            self._apply(msg)
+        except Exception:  # a malformed event must not take the client's handler down
+            logger.exception("serif: bad worker event %r", event)
 
     def _apply(self, msg: dict[str, Any]) -> None:
+        if msg.get("action") == "ping":
+            if msg.get("token") == self._token and not self._pinged.done():
+                self._pinged.set_result(None)
+            return
         if msg.get("action") == "remove":
             self.workers.pop(msg["worker"], None)
         else:

@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
     from distributed.worker import Worker
 
 logger = logging.getLogger("serif_dask.memory")
+#: More bounded state to count in :func:`scheduler_sizes`: ``source(plugin) -> sizes``,
+#: added by the modules that own it (so that this module imports none of them).
+SIZE_SOURCES: list[Callable[[Any], dict[str, int]]] = []
 
 #: Seconds between the samples of :class:`MemoryHistory`.
 SAMPLE_S = 10.0
@@ -73,7 +77,7 @@ class MemoryHistory:
             role = "scheduler+driver"  # serif-dask run: LocalCluster inside the driver
         out = [ProcessMemory("scheduler", role, host, pid, scheduler_rss(scheduler))]
         out += [m for key, (_, m) in sorted(self.drivers.items()) if key != f"{host}:{pid}"]
-        from serif_dask.scheduler import worker_role
+        from serif_dask.roles import worker_role
 
         for ws in sorted(scheduler.workers.values(), key=lambda w: str(w.name)):
             worker_kind, _ = worker_role(ws.name, dict(ws.resources))
@@ -219,10 +223,8 @@ def scheduler_sizes(dask_scheduler: Scheduler) -> dict[str, int]:
             serif_latencies=sum(len(m.latencies) for m in plugin.metrics.values()),
             serif_timeline=sum(len(m.timeline) for m in plugin.metrics.values()),
         )
-        from serif_dask.metrics import telemetry
-
-        tel = telemetry(plugin)
-        sizes["serif_telemetry_timeline"] = sum(len(t) for t in tel.timeline.values())
+        for source in SIZE_SOURCES:  # e.g. serif_dask.metrics' telemetry
+            sizes.update(source(plugin))
     hist = getattr(scheduler, "_serif_memory", None)
     if hist is not None:
         sizes["serif_memory_samples"] = sum(len(s) for s in hist.samples.values())

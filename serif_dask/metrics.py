@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from serif_dask import memory
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
@@ -110,6 +112,10 @@ _telemetry: weakref.WeakKeyDictionary[Any, Telemetry] = weakref.WeakKeyDictionar
 _plugins: list[weakref.ref] = []  # newest last
 _lock = threading.Lock()
 _collector: SerifCollector | None = None
+
+
+def _telemetry_sizes(plugin: SerifSchedulerPlugin) -> dict[str, int]:
+    return {"serif_telemetry_timeline": sum(len(t) for t in telemetry(plugin).timeline.values())}
 
 
 def telemetry(plugin: SerifSchedulerPlugin) -> Telemetry:
@@ -278,9 +284,10 @@ class SerifCollector:
                 if worker["role"] == "compute":
                     warm.add_metric([worker["name"]], len(worker["warm"]))
                     backlog.add_metric([worker["name"]], worker["backlog"])
-            from serif_dask.memory import history
-
-            for proc in history(plugin.scheduler).current(plugin.scheduler):
+            for proc in memory.history(plugin.scheduler).current(plugin.scheduler):
                 resident.add_metric([proc.name, proc.role], proc.rss)
         yield from (requests, utility, met, reasons, latency, decision, warm, backlog,
                     resident)
+
+
+memory.SIZE_SOURCES.append(_telemetry_sizes)

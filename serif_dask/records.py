@@ -11,6 +11,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -291,6 +292,11 @@ class RecordLog:
     rotations: int = 0
     _file: IO[str] | None = None
     _opened: float = 0.0
+    #: One thread writes the file, in order: JSON encoding and disk I/O stay off the event
+    #: loop the driver (and, in one-machine mode, the scheduler) runs on.
+    _writer: ThreadPoolExecutor | None = None
+    _last_write: Future | None = None
+    _write_error: BaseException | None = None  # the first, raised by drain()
 
     def open(self) -> None:
         if self.path is not None and self._file is None:
@@ -310,16 +316,34 @@ class RecordLog:
         self.totals.add(chunk)
         self.per_app.setdefault(chunk.app, Tally()).add(chunk)
         if self._file is not None:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="serif-records")
+            self._last_write = self._writer.submit(self._write, chunk)
+
+    def _write(self, chunk: Chunk) -> None:
+        if self._file is None or self._write_error is not None:
+            return
+        try:
             self._file.write("".join(json.dumps(row) + "\n" for row in chunk.rows()))
             if self.rotation is not None and self.rotation.due(
                     self._file.tell(), time.monotonic() - self._opened):
                 self.rotate()
+        except BaseException as exc:  # a full disk: the tallies stay right, drain() says so
+            self._write_error = exc
+
+    def drain(self) -> None:
+        """Wait until every record added so far is written; re-raise a write's error."""
+        last, self._last_write = self._last_write, None
+        if last is not None:
+            last.result()
+        if self._write_error is not None:
+            raise self._write_error
 
     def rotate(self) -> None:
         """Close the file, shift the rotated ones by one (dropping the oldest), reopen."""
         if self.path is None or self._file is None or self.rotation is None:
             return
-        self.close()
+        self._close_file()
         paths = rotated_paths(self.path, self.rotation.keep)
         if self.rotation.keep == 0:
             self.path.unlink(missing_ok=True)
@@ -332,10 +356,25 @@ class RecordLog:
         self.open()
 
     def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.submit(self._flush).result()
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
         if self._file is not None:
             self._file.flush()
 
     def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self._close_file()
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._writer = None
+
+    def _close_file(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None

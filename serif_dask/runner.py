@@ -71,8 +71,6 @@ async def run_deployment(
     security: Security | None = None,
 ) -> tuple[dict[str, Any] | None, int]:
     """Run ``config``; return (summary, exit status)."""
-    from serif_dask.cli import install_signal_handlers
-
     if not logger.isEnabledFor(logging.INFO):
         # The local scheduler lives in this process: keep Dask's chatter off the terminal.
         logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -158,3 +156,16 @@ async def run_deployment(
 
 def _signal_status(stopped: dict[int, int]) -> int:
     return 143 if signal.SIGTERM in stopped else 130
+
+
+def install_signal_handlers(stop: Any) -> dict[int, int]:
+    """SIGINT/SIGTERM stop the run gracefully; returns a dict filled with what arrived."""
+    got: dict[int, int] = {}
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        def handler(sig: int = sig) -> None:
+            got[sig] = got.get(sig, 0) + 1
+            stop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, handler)
+    return got

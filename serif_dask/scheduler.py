@@ -31,14 +31,13 @@ from serif_dask.planning import (
     join,
     peek_answer,
 )
-from serif_dask.policies import DROP, Plan, get_policy
+from serif_dask.policies import DROP, Plan, PlanProblem, get_policy
 from serif_dask.policies._common import MIN_GAIN
+from serif_dask.roles import worker_role
 from serif_dask.sneakpeek import ForwardBeliefs, GroupBeliefs, make_beliefs, single_look
 
 logger = logging.getLogger("serif_dask.scheduler")
 
-#: A data worker may be named ``data@<server>`` or just ``<server>``.
-DATA_PREFIX = "data@"
 #: Reality may run this share of the tightest SLA behind the plan before the plugin plans
 #: from the real queues instead of its logical clock (and decisions stop being a pure
 #: function of config and seed).
@@ -112,18 +111,6 @@ class AppMetrics:
     timeline: deque = field(default_factory=lambda: deque(maxlen=2048))  # (t, mean utility)
 
 
-def worker_role(name: str, resources: dict[str, float]) -> tuple[str, str]:
-    """Map a Dask worker to (role, config name) from its resources and name."""
-    name = str(name)
-    if resources.get("GPU", 0) > 0 and resources.get("DATA", 0) > 0:
-        logger.error("worker %s has both GPU and DATA resources; serving it as compute", name)
-    if resources.get("GPU", 0) > 0:
-        return "compute", name
-    if resources.get("DATA", 0) > 0:
-        return "data", name.removeprefix(DATA_PREFIX)
-    return "other", name
-
-
 class SerifSchedulerPlugin(SchedulerPlugin):
     """Holds configs, per-group SneakPeek state, worker state, the policy and metrics."""
 
@@ -141,6 +128,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "serif_report": self.report,
                 "serif_state": self.state,
                 "serif_warm": self.warm_update,
+                "serif_workers_ping": self.workers_ping,
             }
         )
         self.run_started = 0.0  # wall time of logical time 0
@@ -424,42 +412,14 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             # would be planned against time that has already passed.
             now = real_now
         t0 = time.perf_counter()
-        table = self.table
         view = self._worker_view(now, real_now)
-        problems, beliefs_out, seeds = [], [], [self.seed]
-        for part in parts:
-            app_table = table.app(part["app"])
-            app_cfg = self.config.app(part["app"])
-            groups_arr = np.asarray(part["groups"], dtype=np.int64)
-            arrival_arr = np.asarray(part["arrival"], dtype=float)
-            if request is not None:
-                arrival_arr = arrival_arr - self.run_started
-            beliefs = self.beliefs[app_table.name]
-            single_pi = None
-            if part["scores"] is not None and groups_arr.size:
-                score_arr = np.asarray(loads(part["scores"]), dtype=float)
-                beliefs.observe(groups_arr, score_arr)
-                single_pi = single_look(app_table.prior, score_arr,
-                                        self.score_prior.get(app_table.name),
-                                        app_cfg.sneakpeek.strength)
-            pi_est = beliefs.pi(groups_arr)
-            self.latest_pi[app_table.name] = beliefs  # the dashboard reads it on demand
-            pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
-            problems.append(build_problem(
-                table, app_table, groups_arr, arrival_arr, pi,
-                {mod: np.asarray(nodes) for mod, nodes in part["input_node"].items()},
-                view, now, np.random.default_rng(0),
-                answer=self.data_aware and app_cfg.sneakpeek.answer,
-            ))
-            beliefs_out.append((pi_est, single_pi))
-            seeds += [app_table.index, int(part["tick"])]
-        problem = join(problems, np.random.default_rng(seeds))
-        if len(view.addresses) == 0:
-            r = problem.n_requests
-            plan = Plan(model=np.full(r, DROP), worker=np.full(r, DROP), priority=np.zeros(r))
-        else:
-            loop = asyncio.get_running_loop()
-            plan = await loop.run_in_executor(self._executor, self.policy, problem)
+        # Beliefs, problem and policy run on the plan thread, under the plan lock: nothing
+        # per request touches the event loop (the scheduler's, in one-machine mode the
+        # driver's too).
+        loop = asyncio.get_running_loop()
+        problem, problems, beliefs_out, plan = await loop.run_in_executor(
+            self._executor, self._decide, parts, request, view, now)
+        table = self.table
         model = np.asarray(plan.model)
         replies, offset = [], 0
         for part, sub, (pi_est, single_pi) in zip(parts, problems, beliefs_out, strict=True):
@@ -599,6 +559,52 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                     state.host_node = node
                     self._announce(address)
                 state.warm = {}
+
+    def _decide(
+        self, parts: list[dict[str, Any]], request: str | None, view: WorkerView, now: float,
+    ) -> tuple[PlanProblem, list[PlanProblem], list[tuple[np.ndarray, Any]], Plan]:
+        """Advance the beliefs by the parts' peeks, build one problem, ask the policy."""
+        assert self.table is not None and self.config is not None
+        table = self.table
+        problems, beliefs_out, seeds = [], [], [self.seed]
+        for part in parts:
+            app_table = table.app(part["app"])
+            app_cfg = self.config.app(part["app"])
+            groups_arr = np.asarray(part["groups"], dtype=np.int64)
+            arrival_arr = np.asarray(part["arrival"], dtype=float)
+            if request is not None:
+                arrival_arr = arrival_arr - self.run_started
+            beliefs = self.beliefs[app_table.name]
+            single_pi = None
+            if part["scores"] is not None and groups_arr.size:
+                score_arr = np.asarray(loads(part["scores"]), dtype=float)
+                beliefs.observe(groups_arr, score_arr)
+                single_pi = single_look(app_table.prior, score_arr,
+                                        self.score_prior.get(app_table.name),
+                                        app_cfg.sneakpeek.strength)
+            pi_est = beliefs.pi(groups_arr)
+            self.latest_pi[app_table.name] = beliefs  # the dashboard reads it on demand
+            pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
+            problems.append(build_problem(
+                table, app_table, groups_arr, arrival_arr, pi,
+                {mod: np.asarray(nodes) for mod, nodes in part["input_node"].items()},
+                view, now, np.random.default_rng(0),
+                answer=self.data_aware and app_cfg.sneakpeek.answer,
+            ))
+            beliefs_out.append((pi_est, single_pi))
+            seeds += [app_table.index, int(part["tick"])]
+        problem = join(problems, np.random.default_rng(seeds))
+        if len(view.addresses) == 0:
+            r = problem.n_requests
+            plan = Plan(model=np.full(r, DROP), worker=np.full(r, DROP), priority=np.zeros(r))
+        else:
+            plan = self.policy(problem)
+        return problem, problems, beliefs_out, plan
+
+    def workers_ping(self, token: str) -> None:
+        """Echo ``token`` on ``WORKERS_TOPIC``: a client that receives it knows its
+        subscription is live (it travels apart from handler calls, so it may lag them)."""
+        self.scheduler.log_event(WORKERS_TOPIC, {"action": "ping", "token": token})
 
     def _announce(self, address: str) -> None:
         """Publish a worker that joined or changed (its description) on ``WORKERS_TOPIC``."""

@@ -124,38 +124,6 @@ class LocalInputs:
         return self._nbytes
 
 
-#: The run's Redis password on this worker, set by :class:`RedisCredentials`.
-_redis_password: str | None = None
-
-
-class RedisCredentials(WorkerPlugin):
-    """The run's Redis password, carried to every worker (those that join later too) inside
-    the plugin the client registers, so that it is never in a scheduler handler's reply,
-    which any client of the scheduler may ask for. Use Dask TLS to keep it off the wire.
-    """
-
-    name = "serif-redis-credentials"
-
-    def __init__(self, password: str | None) -> None:
-        self.password = password
-
-    def __repr__(self) -> str:
-        return f"RedisCredentials(password={'***' if self.password else None})"
-
-    def setup(self, worker: Worker) -> None:
-        global _redis_password
-        _redis_password = self.password
-
-    def teardown(self, worker: Worker) -> None:
-        global _redis_password
-        _redis_password = None
-
-
-def redis_password() -> str | None:
-    """The password :class:`RedisCredentials` brought to this worker, if any."""
-    return _redis_password
-
-
 class SerifWorkerPlugin(WorkerPlugin):
     """Per-worker serif state: config of the current run, readers and warm models."""
 
@@ -223,6 +191,8 @@ class SerifWorkerPlugin(WorkerPlugin):
         """
         import asyncio
 
+        from serif_dask.dataplane import import_torch
+
         worker = self.worker
         if worker is None:
             return
@@ -232,14 +202,14 @@ class SerifWorkerPlugin(WorkerPlugin):
             return
         config = await loop.run_in_executor(None, self._install_run, run_id, reply)
         if any(not p.use_profile for a in config.apps for p in a.model_profiles):
-            await loop.run_in_executor(None, _import_torch)
+            await loop.run_in_executor(None, import_torch)
             await loop.run_in_executor(None, self._create_input_caches, run_id, config)
 
     def _create_input_caches(self, run_id: str, config: SerifConfig) -> None:
         """On a data worker: create the run's shared-memory input caches now, so that the
         first tick does not pay for creating and faulting in the segments."""
         from serif_dask import dataplane
-        from serif_dask.scheduler import worker_role
+        from serif_dask.roles import worker_role
 
         if self.worker is None:
             return
@@ -306,14 +276,6 @@ class SerifWorkerPlugin(WorkerPlugin):
                 logger.debug("serif: could not report warm models", exc_info=True)
 
         worker.loop.add_callback(_send)
-
-
-def _import_torch() -> None:
-    import torch
-
-    # One intra-op thread per worker: several workers share a node's cores, and oversized
-    # thread pools made small batches stall for tens of milliseconds.
-    torch.set_num_threads(1)
 
 
 def current_plugin() -> SerifWorkerPlugin:

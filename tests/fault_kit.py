@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from serif_dask.models.digits import LinearDigits
 from serif_dask.policies import DROP, Plan, PlanProblem
 from serif_dask.readers.synthetic import SyntheticReader
 
@@ -82,3 +83,32 @@ class HangingReader(SyntheticReader):
 
                 time.sleep(float(seconds))
         return super().read(groups, tick, **kwargs)
+
+
+#: ``<marker file>:<seconds>:<call>``: the ``<call>``-th forward of a :class:`HangingDigits`
+#: in a worker process sleeps that long (once: the marker file says it happened), as a
+#: wedged GPU kernel or driver would.
+HANG_MODEL_ENV = "SERIF_FAULT_HANG_MODEL"
+
+
+class HangingDigits(LinearDigits):
+    """configs/digits' linear model, hanging in one forward as ``$SERIF_FAULT_HANG_MODEL`` says."""
+
+    calls = 0  # forwards in this process
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        spec = os.environ.get(HANG_MODEL_ENV, "")
+        HangingDigits.calls += 1
+        if spec:
+            marker, seconds, call = spec.rsplit(":", 2)
+            if HangingDigits.calls == int(call):
+                try:
+                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+                except FileExistsError:
+                    pass
+                else:
+                    os.close(fd)
+                    import time
+
+                    time.sleep(float(seconds))
+        return super().forward(batch)

@@ -21,7 +21,7 @@ from serif_dask.policies import _REGISTERED, register_policy
 from serif_dask.redis_server import EmbeddedRedis, start_cluster
 from serif_dask.store import REDIS_ERRORS, WeightStore, connect
 from tests.conftest import BIN, HOSPITAL, ROOT, run_cli
-from tests.fault_kit import HANG_ENV, KILL_ENV, RoutePolicy
+from tests.fault_kit import HANG_ENV, HANG_MODEL_ENV, KILL_ENV, RoutePolicy
 
 CONFIG_FILES = ("system", "application", "data")
 
@@ -56,6 +56,85 @@ def test_compute_worker_killed_mid_run(tmp_path: Path) -> None:
     assert late, "the restarted worker never served again"
     failed = summary.get("failures_by_reason", {})
     assert set(failed) <= {"worker-lost", "policy-drop"}, failed
+
+
+def test_worker_changes_are_pushed_to_the_driver(tmp_path: Path) -> None:
+    """The driver's view of the workers follows a kill and the nanny's restart through the
+    plugin's event topic, with no call of its own."""
+    from serif_dask.membership import membership
+
+    config = load_config([HOSPITAL])
+    with local_cluster(config) as cluster, Client(cluster) as client:
+        members = client.sync(membership, client)
+        names = {w["name"] for w in members.workers.values()}
+        assert names == {"bay-a", "bay-b", "bay-c", "data@bay-a", "data@bay-b"}
+        victim = next(a for a, w in members.workers.items() if w["name"] == "bay-a")
+        assert members.workers[victim]["role"] == "compute"
+        os.kill(client.run(os.getpid, workers=[victim])[victim], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while victim in members.alive:
+            assert time.monotonic() < deadline, "the kill never reached the driver"
+            time.sleep(0.05)
+        while not any(w["name"] == "bay-a" for w in members.workers.values()):
+            assert time.monotonic() < deadline, "the restarted worker never reached it"
+            time.sleep(0.05)
+
+
+def _one_slow_app(sla: float):
+    """Hospital's fall detection alone, every 8 s: one batch of all 16 groups on x3d_s takes
+    about 5 s (0.3 s a request), long enough to kill its worker in the middle of it."""
+
+    def application(doc: dict) -> None:
+        app = doc["applications"][0]
+        app.update({"sla-latency": sla, "sample-duration": 8})
+        for profile in app["model-profiles"]:
+            profile["latencies"] = {n: [0.3, 0.05] for n in ("bay-a", "bay-b", "bay-c")}
+        doc["applications"] = [app]
+
+    return application
+
+
+@pytest.mark.parametrize(("sla", "expected"), [(6.0, "completed"), (1.5, "worker-lost")])
+def test_compute_worker_killed_mid_batch(config_dir, tmp_path: Path, routes: RoutePolicy,
+                                         sla: float, expected: str) -> None:
+    """A batch running on a worker that dies is planned again on a survivor while its
+    deadline allows (the re-plan path, under a real kill); after it, ``worker-lost``."""
+    config = load_config([config_dir(application=_one_slow_app(sla),
+                                     data={"num-groups": 16})])
+    rec = tmp_path / "r.jsonl"
+    with local_cluster(config) as cluster, Client(cluster) as client:
+        addr = _addresses(client)
+        victim, survivor = addr["bay-a"], addr["bay-b"]
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        routes.routes = {0: ("falldetection/x3d_s", victim), 1: ("falldetection/x3d_s", victim)}
+        run = _SteeredRun(Serif(client, config, policy="test-fault-routes", seed=3,
+                                records=rec))
+        try:
+            deadline = time.monotonic() + 90
+            while not any("serif-score" in str(k) for k in
+                          client.processing(workers=[victim]).get(victim, ())):
+                assert run.thread.is_alive(), run.error
+                assert time.monotonic() < deadline, "the batch never started on bay-a"
+                time.sleep(0.05)
+            started = time.time()
+            # Re-plans go to the survivor; kill inside the batch (before or after 2 × sla).
+            routes.routes = {0: ("falldetection/x3d_s", survivor),
+                             1: ("falldetection/x3d_s", survivor)}
+            time.sleep(1.0 if expected == "completed" else 3.2)
+            os.kill(pid, signal.SIGKILL)
+            run.wait_for("every request of tick 0",
+                         lambda _: sum(1 for r in run.rows if r["tick"] == 0) >= 16, cap_s=120)
+        finally:
+            summary = run.stop()
+    records = [json.loads(x) for x in rec.read_text().splitlines()]
+    _accounted(summary, records)
+    first = [r for r in records if r["tick"] == 0]
+    assert len(first) == 16 and started > 0
+    if expected == "completed":
+        assert {(r["outcome"], r["worker"]) for r in first} == {("completed", "bay-b")}, first
+    else:
+        assert {(r["outcome"], (r["reason"] or "").split(":")[0]) for r in first} == {
+            ("failed", "worker-lost")}, first
 
 
 def _stop_when(serif: Serif, done: Callable[[list[dict]], bool], cap_s: float = 90.0):
@@ -351,6 +430,50 @@ def test_redis_lost_and_back(tmp_path: Path, routes: RoutePolicy) -> None:
     _accounted(summary, records)
     reasons = {(r["reason"] or "").split(":", 1)[0] for r in records if r["outcome"] == "failed"}
     assert reasons <= {"weights-unavailable", "input-unavailable"}, summary
+
+
+def test_hung_model_fails_score_timeout_and_its_worker_is_restarted(
+    tmp_path: Path, routes: RoutePolicy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """node-a's linear model wedges in its third forward (tick 1) for 120 s: those requests
+    fail ``score-timeout`` at the tick's deadline (not ``policy-drop``), the worker still
+    running it is restarted through its nanny, and node-a serves again afterwards."""
+    import serif_dask.driver
+
+    server = _persistent_redis(tmp_path)
+    path = _digits_config(tmp_path / "config", [server.port], colocate=True)
+    doc = json.loads((path / "application.json").read_text())
+    doc["applications"][0]["model-profiles"][0]["impl"] = "tests.fault_kit:HangingDigits"
+    (path / "application.json").write_text(json.dumps(doc))
+    # Forward 1 is the warm-up, 2 is tick 0, 3 hangs.
+    monkeypatch.setenv(HANG_MODEL_ENV, f"{tmp_path / 'hung'}:120:3")
+    monkeypatch.setattr(serif_dask.driver, "STUCK_S", 3.0)
+    config = load_config([path])
+    try:
+        with local_cluster(config) as cluster, Client(cluster) as client:
+            addr = _addresses(client)
+            routes.routes = {0: (LINEAR, addr["node-a"]), 1: (LINEAR, addr["node-a"])}
+            run = _SteeredRun(Serif(client, config, policy="test-fault-routes", seed=3,
+                                    records=tmp_path / "r.jsonl"))
+            try:
+                run.wait_for("a score-timeout", lambda r: r["reason"] == "score-timeout")
+                hung_at = time.time()
+                run.wait_for("node-a serving after its restart",
+                             lambda r: r["outcome"] == "completed" and r["worker"] == "node-a"
+                             and r["arrival"] > hung_at + 3.0, cap_s=120)
+            finally:
+                summary = run.stop()
+    finally:
+        server.stop()
+    records = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
+    _accounted(summary, records)
+    assert (tmp_path / "hung").exists()
+    hung = [r for r in records if r["tick"] == 1]
+    assert hung and {(r["outcome"], r["reason"]) for r in hung} == {("failed", "score-timeout")}
+    reasons = {(r["reason"] or "").split(":")[0] for r in records if r["outcome"] != "completed"}
+    # Never a false policy-drop. Batches queued behind the wedged one may find their
+    # inputs' cache slots reused by later ticks by the time they run: input-stale.
+    assert reasons <= {"score-timeout", "worker-lost", "input-stale"}, reasons
 
 
 def test_redis_cluster_master_killed(tmp_path: Path, routes: RoutePolicy) -> None:
