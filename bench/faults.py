@@ -239,6 +239,8 @@ def mid_batch_kill(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
     docs["application"]["applications"] = [app]
     config = write_config(docs, tmp / "mid-batch")
 
+    killed: list[str] = []
+
     def faults(client: Client) -> list[tuple[float, Callable[[], None]]]:
         info = client.scheduler_info(n_workers=-1)["workers"]
         victim = next(a for a, w in info.items() if w["name"] == "bay-a")
@@ -248,15 +250,19 @@ def mid_batch_kill(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
             deadline = time.monotonic() + duration
             while time.monotonic() < deadline:
                 running = client.processing(workers=[victim]).get(victim, ())
-                if any("serif-score" in str(k) for k in running):
+                batch = next((str(k) for k in running if "serif-score" in str(k)), None)
+                if batch is not None:
                     time.sleep(1.0)
                     os.kill(pid, signal.SIGKILL)
+                    killed.append(batch)
                     return
                 time.sleep(0.05)
 
         return [(0.0, kill_in_batch)]
 
-    return run(config, tmp / "mid-batch.jsonl", max(duration, 20.0), "sneakpeek", seed, faults)
+    result = run(config, tmp / "mid-batch.jsonl", max(duration, 20.0), "sneakpeek", seed,
+                 faults)
+    return result | {"killed_in_batch": killed[0] if killed else None}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
