@@ -34,6 +34,7 @@ from serif_dask.planning import (
 from serif_dask.policies import DROP, Plan, PlanProblem, get_policy
 from serif_dask.policies._common import MIN_GAIN
 from serif_dask.roles import worker_role
+from serif_dask.service import keep_key_caches_small
 from serif_dask.sneakpeek import ForwardBeliefs, GroupBeliefs, make_beliefs, single_look
 
 logger = logging.getLogger("serif_dask.scheduler")
@@ -163,6 +164,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for address in list(self.scheduler.workers):
             self._track_worker(address)
         self.scheduler.add_plugin(self, name=self.name, idempotent=True)
+        keep_key_caches_small(self.scheduler)  # new keys every tick: see its docstring
         try:  # the dashboard page and /metrics are extras: they never break the plugin
             from serif_dask.dashboard import register
 

@@ -151,7 +151,10 @@ class SerifWorkerPlugin(WorkerPlugin):
         self.__init__()  # type: ignore[misc]
 
     def setup(self, worker: Worker) -> None:
+        from serif_dask.service import keep_key_caches_small
+
         self.worker = worker
+        keep_key_caches_small(worker)
         worker.handlers["serif_describe"] = self.describe
         worker.handlers["serif_prepare"] = self.prepare
 

@@ -32,6 +32,7 @@ from serif_dask.records import (
 from serif_dask.service import (
     SETTINGS,
     TICK_GROUPS,
+    clear_key_caches,
     service_config,
     service_settings,
     worker_config,
@@ -171,7 +172,23 @@ def _sizes(client: Client) -> tuple[dict, dict]:
     return client.run_on_scheduler(scheduler_sizes), client.run(worker_sizes)
 
 
-def test_short_soak_keeps_state_bounded(config_dir, tmp_path: Path) -> None:
+def test_clear_key_caches_empties_dasks_key_split_cache() -> None:
+    from dask.utils import key_split
+
+    for tick in range(50):
+        key_split(f"serif-read-cafe-app-{tick}-server-video")
+    assert clear_key_caches() >= 50
+    assert key_split.cache_info().currsize == 0
+
+
+def test_short_soak_keeps_state_bounded(config_dir, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from dask.utils import key_split
+
+    import serif_dask.service
+
+    # The scheduler of a LocalCluster lives here: clear its key cache every 5 s.
+    monkeypatch.setattr(serif_dask.service, "KEY_CACHE_CLEAR_S", 5.0)
     config = load_config([_fast_ward(config_dir)])
     caps = {"distributed.admin.low-level-log-length": CAP}
     with (dask.config.set(caps), service_config(), local_cluster(config) as cluster,
@@ -195,6 +212,9 @@ def test_short_soak_keeps_state_bounded(config_dir, tmp_path: Path) -> None:
         history = client.run_on_scheduler(
             lambda dask_scheduler: [len(s) for s in dask_scheduler._serif_memory.samples
                                     .values()])
+        clearing = client.run(lambda dask_worker: dask_worker.periodic_callbacks[
+            "serif-key-caches"].is_running())
+        cached = key_split.cache_info().currsize
     summary = result["s"]
     assert summary["requests"] == summary["completed"] + summary["dropped"] + summary["failed"]
     assert summary["ticks"] >= 150, summary["ticks"]  # enough ticks for a leak to show
@@ -217,6 +237,9 @@ def test_short_soak_keeps_state_bounded(config_dir, tmp_path: Path) -> None:
         # Fine performance metrics: entries per span and activity, not per tick.
         assert sizes["digests_total"] <= before["digests_total"] + 8, (before, sizes)
         assert sizes["serif_inputs"] <= 4, sizes
+    # Dask's cache of key prefixes is cleared (a new key every tick would fill it).
+    assert all(clearing.values()) and len(clearing) == len(w1), clearing
+    assert cached < 2 * summary["ticks"], (cached, summary["ticks"])  # ~5 keys a tick made
     # serif's own state
     assert s1["serif_pending"] == 0 and s1["serif_worker_pending"] == 0, s1
     assert s1["serif_timeline"] <= 2 * 2048 and s1["serif_latencies"] <= 2 * 4096, s1
