@@ -231,12 +231,10 @@ def hung_model(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
 
 def mid_batch_kill(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
     """SIGKILL ``bay-a`` one second into its first score batch (seen on the scheduler)."""
+    from tests.fault_kit import one_slow_app
+
     docs = load_docs(derive(tmp / "mid-batch", num_groups=GROUPS, shapes=SHAPES))
-    app = docs["application"]["applications"][0]
-    app.update({"sla-latency": 6.0, "sample-duration": 8})
-    for profile in app["model-profiles"]:
-        profile["latencies"] = {n: [0.3, 0.05] for n in ("bay-a", "bay-b", "bay-c")}
-    docs["application"]["applications"] = [app]
+    one_slow_app(6.0)(docs["application"])
     config = write_config(docs, tmp / "mid-batch")
 
     killed: list[str] = []

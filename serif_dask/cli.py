@@ -78,11 +78,9 @@ def _security(ca_file: str | None, cert: str | None, key: str | None) -> Any:
     if ca_file is None or cert is None:
         raise click.UsageError("TLS needs --tls-ca-file and --tls-cert (and --tls-key when "
                                "the key is not in the certificate file)")
-    from distributed.security import Security
+    from serif_dask.cluster import tls_security
 
-    roles = {f"tls_{role}_{part}": value for role in ("client", "scheduler", "worker")
-             for part, value in (("cert", cert), ("key", key))}
-    return Security(tls_ca_file=ca_file, require_encryption=True, **roles)
+    return tls_security(ca_file, cert, key)
 
 
 @cli.command()

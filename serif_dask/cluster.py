@@ -47,6 +47,14 @@ def uses_tls(security: Security | None) -> bool:
     return bool(security.require_encryption or security.tls_ca_file)
 
 
+def tls_security(ca_file: str, cert: str, key: str | None = None) -> Security:
+    """Dask ``Security`` with one certificate for every role (client, scheduler,
+    worker), encryption required: what ``--tls-ca-file/--tls-cert/--tls-key`` mean."""
+    roles = {f"tls_{role}_{part}": value for role in ("client", "scheduler", "worker")
+             for part, value in (("cert", cert), ("key", key))}
+    return Security(tls_ca_file=ca_file, require_encryption=True, **roles)
+
+
 def _new_cluster(
     config: SerifConfig, asynchronous: bool, dashboard_address: str | None, silence_logs: Any,
     security: Security | None = None,

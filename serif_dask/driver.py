@@ -26,7 +26,7 @@ from distributed.protocol.pickle import dumps, loads
 from serif_dask.config import Application, SerifConfig
 from serif_dask.credentials import RedisCredentials
 from serif_dask.errors import RunRefused
-from serif_dask.membership import Membership, membership
+from serif_dask.membership import membership
 from serif_dask.records import (
     PEEK_MODEL,
     Chunk,
@@ -210,7 +210,6 @@ class Driver:
         self.scheduler_lost = False
         self.configured = False
         self.replaced_by: str | None = None  # the run that took the scheduler over
-        self.members: Membership | None = None  # live workers, pushed by the plugin
         # Plans are made in tick order (due time, then application), whatever order their
         # reads finish in: the planner's state then depends only on config and seed.
         self._next_seq = 0
@@ -345,15 +344,11 @@ class Driver:
 
     async def _workers(self) -> list[dict[str, Any]]:
         """Live workers, kept current by the plugin's pushed events (no round trip)."""
-        if self.members is None:
-            self.members = await membership(self.client)
-        return list(self.members.workers.values())
+        return list((await membership(self.client)).workers.values())
 
     async def _wait(self, waiting: Any, timeout: float) -> set:
         """``asyncio.wait`` for the first of ``waiting``, the timeout, or a worker change."""
-        if self.members is None:
-            self.members = await membership(self.client)
-        change = self.members.changed()
+        change = (await membership(self.client)).changed()
         try:
             done, _ = await asyncio.wait([*waiting, change], timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)

@@ -44,9 +44,6 @@ class Membership:
     def alive(self) -> set[str]:
         return set(self.workers)
 
-    def of_role(self, role: str) -> list[dict[str, Any]]:
-        return [w for w in self.workers.values() if w["role"] == role]
-
     async def start(self) -> None:
         """Subscribe, then take one snapshot; events seen meanwhile are applied after it."""
         if self._started is None:

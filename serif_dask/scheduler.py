@@ -345,9 +345,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         state = self.workers.get(worker)
         if state is None:
             return
-        if node is not None and node != state.host_node:
-            state.host_node = node
-            self._announce(worker)
+        if node is not None:
+            self._set_host_node(worker, state, node)
         for name in warm:
             state.warm.setdefault(name, None)
         for name in cold or ():
@@ -556,10 +555,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             state = self.workers.get(address)
             if state is not None and isinstance(reply, dict):
                 # Workers drop the previous run's models on its first task: start cold.
-                node = reply.get("node") or state.host_node
-                if node != state.host_node:
-                    state.host_node = node
-                    self._announce(address)
+                self._set_host_node(address, state, reply.get("node") or state.host_node)
                 state.warm = {}
 
     def _decide(
@@ -607,6 +603,12 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         """Echo ``token`` on ``WORKERS_TOPIC``: a client that receives it knows its
         subscription is live (it travels apart from handler calls, so it may lag them)."""
         self.scheduler.log_event(WORKERS_TOPIC, {"action": "ping", "token": token})
+
+    def _set_host_node(self, address: str, state: WorkerState, node: str) -> None:
+        """A worker's shared-memory node; drivers hear of a change (``WORKERS_TOPIC``)."""
+        if node != state.host_node:
+            state.host_node = node
+            self._announce(address)
 
     def _announce(self, address: str) -> None:
         """Publish a worker that joined or changed (its description) on ``WORKERS_TOPIC``."""

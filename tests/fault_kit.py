@@ -22,6 +22,30 @@ from serif_dask.readers.synthetic import SyntheticReader
 KILL_ENV = "SERIF_FAULT_KILL_READ"
 
 
+def first_time(marker: str) -> bool:
+    """True for the first caller only, across processes and restarts (creates ``marker``)."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        return False
+    return True
+
+
+def one_slow_app(sla: float) -> Any:
+    """An ``application.json`` edit: hospital's fall detection alone, every 8 s, each request
+    0.3 s on x3d_s: a batch of all 16 groups takes about 5 s, long enough to kill its worker
+    in the middle of it."""
+
+    def application(doc: dict) -> None:
+        app = doc["applications"][0]
+        app.update({"sla-latency": sla, "sample-duration": 8})
+        for profile in app["model-profiles"]:
+            profile["latencies"] = {n: [0.3, 0.05] for n in ("bay-a", "bay-b", "bay-c")}
+        doc["applications"] = [app]
+
+    return application
+
+
 class KillingReader(SyntheticReader):
     """The synthetic reader, killing a process mid-read once, as ``$SERIF_FAULT_KILL_READ`` says.
 
@@ -33,14 +57,9 @@ class KillingReader(SyntheticReader):
         spec = os.environ.get(KILL_ENV, "")
         if spec:
             server, kill_tick, marker, *pid = spec.split(":")
-            if getattr(self.server, "name", None) == server and int(tick) == int(kill_tick):
-                try:
-                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                except FileExistsError:
-                    pass
-                else:
-                    os.close(fd)
-                    os.kill(int(pid[0]) if pid else os.getpid(), signal.SIGKILL)
+            if (getattr(self.server, "name", None) == server and int(tick) == int(kill_tick)
+                    and first_time(marker)):
+                os.kill(int(pid[0]) if pid else os.getpid(), signal.SIGKILL)
         return super().read(groups, tick, **kwargs)
 
 
@@ -101,14 +120,8 @@ class HangingDigits(LinearDigits):
         HangingDigits.calls += 1
         if spec:
             marker, seconds, call = spec.rsplit(":", 2)
-            if HangingDigits.calls == int(call):
-                try:
-                    fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-                except FileExistsError:
-                    pass
-                else:
-                    os.close(fd)
-                    import time
+            if HangingDigits.calls == int(call) and first_time(marker):
+                import time
 
-                    time.sleep(float(seconds))
+                time.sleep(float(seconds))
         return super().forward(batch)

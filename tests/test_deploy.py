@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,14 +23,16 @@ def _start(args: list[str], log: Path) -> subprocess.Popen:
     )
 
 
-@pytest.fixture
-def deployment(tmp_path: Path):
-    """One scheduler, three GPU workers and two data workers, as in the README recipe."""
+@contextlib.contextmanager
+def hand_started(tmp_path: Path, tls: tuple[str, ...] = ()) -> Iterator[str]:
+    """One scheduler, three GPU workers and two data workers, as in the README recipe;
+    with ``tls`` (the ``--tls-*`` options) every process gets them and the scheduler
+    listens on ``--protocol tls``. Yields the scheduler's address."""
     sched_file = tmp_path / "scheduler.json"
     procs = [
         _start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address", ":0",
-                "--scheduler-file", str(sched_file), "--preload", "serif_dask.scheduler"],
-               tmp_path / "scheduler.log")
+                "--scheduler-file", str(sched_file), "--preload", "serif_dask.scheduler",
+                *(("--protocol", "tls", *tls) if tls else ())], tmp_path / "scheduler.log")
     ]
     try:
         deadline = time.time() + 60
@@ -40,10 +44,10 @@ def deployment(tmp_path: Path):
         for name, resources in workers:
             procs.append(_start(
                 ["worker", address, "--name", name, "--resources", resources, "--nthreads", "1",
-                 "--preload", "serif_dask.worker", "--no-dashboard"],
+                 "--preload", "serif_dask.worker", "--no-dashboard", *tls],
                 tmp_path / f"{name}.log",
             ))
-        yield address, tmp_path
+        yield address
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -53,6 +57,12 @@ def deployment(tmp_path: Path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path):
+    with hand_started(tmp_path) as address:
+        yield address, tmp_path
 
 
 def test_hand_started_deployment(deployment) -> None:

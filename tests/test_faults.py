@@ -21,7 +21,7 @@ from serif_dask.policies import _REGISTERED, register_policy
 from serif_dask.redis_server import EmbeddedRedis, start_cluster
 from serif_dask.store import REDIS_ERRORS, WeightStore, connect
 from tests.conftest import BIN, HOSPITAL, ROOT, run_cli
-from tests.fault_kit import HANG_ENV, HANG_MODEL_ENV, KILL_ENV, RoutePolicy
+from tests.fault_kit import HANG_ENV, HANG_MODEL_ENV, KILL_ENV, RoutePolicy, one_slow_app
 
 CONFIG_FILES = ("system", "application", "data")
 
@@ -80,26 +80,12 @@ def test_worker_changes_are_pushed_to_the_driver(tmp_path: Path) -> None:
             time.sleep(0.05)
 
 
-def _one_slow_app(sla: float):
-    """Hospital's fall detection alone, every 8 s: one batch of all 16 groups on x3d_s takes
-    about 5 s (0.3 s a request), long enough to kill its worker in the middle of it."""
-
-    def application(doc: dict) -> None:
-        app = doc["applications"][0]
-        app.update({"sla-latency": sla, "sample-duration": 8})
-        for profile in app["model-profiles"]:
-            profile["latencies"] = {n: [0.3, 0.05] for n in ("bay-a", "bay-b", "bay-c")}
-        doc["applications"] = [app]
-
-    return application
-
-
 @pytest.mark.parametrize(("sla", "expected"), [(6.0, "completed"), (1.5, "worker-lost")])
 def test_compute_worker_killed_mid_batch(config_dir, tmp_path: Path, routes: RoutePolicy,
                                          sla: float, expected: str) -> None:
     """A batch running on a worker that dies is planned again on a survivor while its
     deadline allows (the re-plan path, under a real kill); after it, ``worker-lost``."""
-    config = load_config([config_dir(application=_one_slow_app(sla),
+    config = load_config([config_dir(application=one_slow_app(sla),
                                      data={"num-groups": 16})])
     rec = tmp_path / "r.jsonl"
     with local_cluster(config) as cluster, Client(cluster) as client:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+from serif_dask.cluster import tls_security
 from tests.conftest import HOSPITAL, run_cli
-from tests.test_deploy import _start
+from tests.test_deploy import hand_started
 
 x509 = pytest.importorskip("cryptography.x509")
 
@@ -53,43 +52,18 @@ def tls_deployment(tmp_path: Path):
     """The README's recipe with ``--protocol tls`` and certificates on every process."""
     cert, key = _make_certificate(tmp_path)
     tls = ["--tls-ca-file", str(cert), "--tls-cert", str(cert), "--tls-key", str(key)]
-    sched_file = tmp_path / "scheduler.json"
-    procs = [_start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--protocol", "tls",
-                     "--dashboard-address", ":0", "--scheduler-file", str(sched_file),
-                     "--preload", "serif_dask.scheduler", *tls], tmp_path / "scheduler.log")]
-    try:
-        deadline = time.time() + 60
-        while not sched_file.exists() and time.time() < deadline:
-            time.sleep(0.2)
-        address = json.loads(sched_file.read_text())["address"]
-        workers = [("bay-a", "GPU=1"), ("bay-b", "GPU=1"), ("bay-c", "GPU=1"),
-                   ("data@bay-a", "DATA=1"), ("data@bay-b", "DATA=1")]
-        for name, resources in workers:
-            procs.append(_start(["worker", address, "--name", name, "--resources", resources,
-                                 "--nthreads", "1", "--preload", "serif_dask.worker",
-                                 "--no-dashboard", *tls], tmp_path / f"{name}.log"))
+    with hand_started(tmp_path, tuple(tls)) as address:
         yield address, tls, tmp_path
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_run_and_submit_on_a_tls_cluster(tls_deployment) -> None:
     address, tls, tmp_path = tls_deployment
     assert address.startswith("tls://")
     from distributed import Client
-    from distributed.security import Security
 
     from serif_dask import Serif, load_config
 
-    security = Security(tls_ca_file=tls[1], tls_client_cert=tls[3], tls_client_key=tls[5],
-                        require_encryption=True)
+    security = tls_security(tls[1], tls[3], tls[5])
     with Client(address, security=security, timeout=60) as client:
         client.wait_for_workers(5, timeout=90)
         config = load_config([HOSPITAL])
@@ -113,14 +87,11 @@ def test_run_and_submit_on_a_tls_cluster(tls_deployment) -> None:
 
 def test_local_cluster_with_tls(tmp_path: Path) -> None:
     from distributed import Client
-    from distributed.security import Security
 
     from serif_dask import Serif, load_config, local_cluster
 
     cert, key = _make_certificate(tmp_path)
-    security = Security(tls_ca_file=str(cert), require_encryption=True,
-                        **{f"tls_{r}_{p}": str(f) for r in ("client", "scheduler", "worker")
-                           for p, f in (("cert", cert), ("key", key))})
+    security = tls_security(str(cert), str(cert), str(key))
     config = load_config([HOSPITAL])
     with local_cluster(config, security=security) as cluster:
         assert cluster.scheduler_address.startswith("tls://")
