@@ -16,7 +16,7 @@ kills real processes with SIGKILL:
   groups fail ``read-timeout`` at the tick's deadline, later ticks go on.
 * ``hung-model``: ``configs/digits``' linear model wedges in one forward on ``node-a`` for
   120 s: that tick fails ``score-timeout``, and the worker still running it is restarted
-  through its nanny after the driver's ``STUCK_S``.
+  through its nanny after ``serif_dask.tick.STUCK_S``.
 * ``mid-batch-kill``: fall detection alone, one 5 s batch of all 16 groups on ``bay-a``,
   whose worker is SIGKILLed 1 s into it: the batch is planned again on the survivors.
 

@@ -23,13 +23,13 @@ from distributed import Client, Future
 from distributed.protocol.pickle import loads
 
 from serif_dask.config import ResultsStream, SerifConfig, load_config
-from serif_dask.driver import Driver, RunOptions, peek_modality
+from serif_dask.driver import Driver, RunOptions
 from serif_dask.memory import report_memory
+from serif_dask.prepare import data_workers
 from serif_dask.records import Rotation
 from serif_dask.scheduler import install as install_scheduler_plugin
 from serif_dask.service import keep_task_groups
 from serif_dask.submit import check_request, submit_task
-from serif_dask.tasks import fit_task
 from serif_dask.worker import SerifWorkerPlugin
 
 logger = logging.getLogger("serif_dask")
@@ -236,7 +236,7 @@ class Serif:
         live = current.get("live")
         if live and current.get("config") is not None and (
                 loads(current["config"]) == self.config.without_secrets()):
-            driver.run_id = current["run_id"]
+            driver.join(current["run_id"])
             await self._fit_estimators(driver)
         elif live and not self.replace:
             raise ValueError(f"the scheduler serves live run {current['run_id']} of another "
@@ -249,19 +249,8 @@ class Serif:
 
     async def _fit_estimators(self, driver: Driver) -> None:
         """Fit SneakPeek for a run configured by someone else (its own fits are theirs)."""
-        data = {w["node"]: w["address"] for w in
-                (await self.client.scheduler.serif_state())["workers"] if w["role"] == "data"}
-        for app in self.config.apps:
-            mod = peek_modality(self.config, app)
-            server = next((s for s in self.config.server_names
-                           if self.config.groups_of(s, mod) and s in data), None)
-            if server is not None:
-                driver.estimators[app.name] = self.client.submit(
-                    fit_task, driver.run_id, app.name, mod, server, workers=[data[server]],
-                    key=f"serif-fit-{driver.run_id}-{app.name}-{uuid.uuid4().hex[:8]}",
-                    allow_other_workers=False, pure=False,
-                )
-        await asyncio.gather(*driver.estimators.values(), return_exceptions=True)
+        fits = driver.estimators.fit(await data_workers(self.client))
+        await asyncio.gather(*fits.values(), return_exceptions=True)
 
     def open(self) -> str:
         """Blocking form of :meth:`open_async`."""
@@ -287,11 +276,7 @@ class Serif:
             self.open()
             session = self.driver or self._adhoc
             assert session is not None
-        # Only a fitted estimator: a fit still pending (or lost with its data worker) must
-        # not hold the request back; the plan then uses the group's belief as it stands.
-        estimator = session.estimators.get(app)
-        if estimator is not None and estimator.status != "finished":
-            estimator = None
+        estimator = session.estimators.fitted(app)
         request = uuid.uuid4().hex
         return self.client.submit(
             submit_task, session.run_id, app, group, samples, label_, time.time(), estimator,

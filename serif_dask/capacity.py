@@ -33,12 +33,12 @@ from typing import Any
 import numpy as np
 
 from serif_dask.config import KINDS, ComputeNode, SerifConfig, load_config_dicts
-from serif_dask.driver import JOINT_WINDOW_S, PIPELINE_S
 from serif_dask.models.profile import ProfileModel
 from serif_dask.planning import ModelTable, WorkerView, batches, build_problem, join, peek_answer
 from serif_dask.policies import DROP, get_policy
 from serif_dask.policies._common import MIN_GAIN
 from serif_dask.records import completed_utility
+from serif_dask.rounds import JOINT_WINDOW_S, PIPELINE_S
 from serif_dask.scheduler import SLACK_SLA_FRACTION, WorkerState
 
 __all__ = [
@@ -183,7 +183,7 @@ class SimulatedLoad:
 def _rounds(config: SerifConfig,
             duration: float) -> list[tuple[list[tuple[int, int, float]], float]]:
     """The driver's plan rounds on the logical clock: ticks due together, and the plan's
-    ``now`` (``Driver._clock``, ``_PlanRound``)."""
+    ``now`` (``Driver._clock``, ``rounds.PlanRound``)."""
     index = [0] * len(config.apps)
     out = []
     while True:

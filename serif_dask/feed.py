@@ -151,11 +151,9 @@ class Feeder:
     def calibrate(self, n: int) -> int:
         """Fill each application's calibration stream on its live peek modality with ``n``
         labelled samples of the source (replacing what it held); returns entries added."""
-        from serif_dask.driver import peek_modality
-
         added = 0
         for app in self.config.apps:
-            modality = peek_modality(self.config, app)
+            modality = self.config.peek_modality(app)
             if modality not in live_modalities(self.config):
                 continue
             reader = _source_reader(self.config, modality, app, self.source, self.seed)

@@ -40,7 +40,7 @@ SETTINGS: dict[str, Any] = {
     "distributed.worker.profile.enabled": False,
 }
 
-#: Key prefixes (Dask task groups) of the tick graph; see :mod:`serif_dask.driver`.
+#: Key prefixes (Dask task groups) of the tick graph; see :mod:`serif_dask.tick`.
 TICK_GROUPS = ("serif-read", "serif-peek", "serif-score", "serif-export")
 #: A resource no worker has: an anchor waits in ``no-worker`` and never runs anywhere.
 ANCHOR_RESOURCE = "serif-anchor"

@@ -5,9 +5,10 @@ and submits :func:`submit_task`, an ordinary Dask task, so the caller holds a re
 ``Future`` of the request's record. On a worker that task peeks at the sample with the
 application's fitted SneakPeek estimator, asks the scheduler plugin's ``serif_plan`` handler
 for a model and a worker (the plugin's policy, beliefs and worker bookings, as for a tick),
-submits :func:`score_sample_task` pinned to that GPU worker with the sample inline, and
-returns the record. Every outcome is a record (completed, dropped or failed with a
-reason); nothing waits without a bound.
+submits the tick path's own :func:`~serif_dask.tasks.score_task` pinned to that GPU
+worker, with the sample carried inline, and returns the record, built by the same
+:mod:`serif_dask.accounting` functions as a tick's. Every outcome is a record
+(completed, dropped or failed with a reason); nothing waits without a bound.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from typing import Any
 
 import numpy as np
 from distributed import worker_client
-from distributed.protocol.pickle import dumps
+from distributed.protocol.pickle import dumps, loads
 
+from serif_dask.accounting import answered, missed, scored
 from serif_dask.config import Application, SerifConfig
-from serif_dask.records import PEEK_MODEL, Chunk, completed_utility
+from serif_dask.records import Chunk
 from serif_dask.tasks import ReadResult, _app, score_task
 from serif_dask.worker import current_plugin
 
@@ -37,9 +39,7 @@ POLL_S = 1.0
 
 def request_modalities(config: SerifConfig, app: Application) -> tuple[str, ...]:
     """The inputs a request of ``app`` carries: its models' modalities and the peeked one."""
-    from serif_dask.driver import peek_modality
-
-    return tuple(sorted({p.modality for p in app.model_profiles} | {peek_modality(config, app)}))
+    return tuple(sorted({p.modality for p in app.model_profiles} | {config.peek_modality(app)}))
 
 
 def check_request(
@@ -108,16 +108,20 @@ def submit_task(
         app_cfg = _app(config, app)
     except Exception as exc:  # the scheduler moved on to another run
         logger.warning("serif: ad-hoc request %s: %s", request, exc)
-        return _record(None, app, group, label, arrival, "failed",
-                       f"run-changed: {exc}".splitlines()[0][:200], request)
+        return _unconfigured(app, group, label, arrival,
+                             f"run-changed: {exc}".splitlines()[0][:200], request)
+    groups, labels = np.asarray([group], dtype=np.int64), np.asarray([label], dtype=np.int64)
 
-    from serif_dask.driver import peek_modality
+    def miss(outcome: str, reason: str, model: str = "", worker: str = "",
+             pi: bytes | None = None) -> dict[str, Any]:
+        return _record(missed(app_cfg, -1, groups, arrival, outcome, reason, model, worker,
+                              labels), request, pi)
 
     scores = np.full((1, app_cfg.k), np.nan)
-    peek_mod = peek_modality(config, app_cfg)
     if estimator is not None:
         try:
-            scores[0] = np.asarray(estimator.scores(samples[peek_mod][None]), dtype=float)[0]
+            peeked = samples[config.peek_modality(app_cfg)][None]
+            scores[0] = np.asarray(estimator.scores(peeked), dtype=float)[0]
         except Exception:  # the plan falls back to the group's belief, as for a failed peek
             logger.warning("serif: peek of ad-hoc request %s failed", request, exc_info=True)
 
@@ -130,40 +134,36 @@ def submit_task(
             )
         except Exception as exc:
             reason = str(exc) if str(exc).startswith("run-changed") else f"submit-error: {exc}"
-            return _record(app_cfg, app, group, label, arrival, "failed",
-                           reason.splitlines()[0][:200], request)
+            return miss("failed", reason.splitlines()[0][:200])
         pi = plan["pi"]
         if plan["dropped"]:
-            return _record(app_cfg, app, group, label, arrival, "dropped",
-                           plan["drop_reason"], request, pi=pi)
+            return miss("dropped", plan["drop_reason"], pi=pi)
         if plan["answered"]["groups"]:  # answered from the peek, no GPU time
-            return _record(app_cfg, app, group, label, arrival, "completed", "", request,
-                           model=PEEK_MODEL, pi=pi, finish=time.time(),
-                           prediction=int(plan["answered"]["prediction"][0]))
+            prediction = np.asarray(plan["answered"]["prediction"][:1], dtype=np.int64)
+            return _record(answered(app_cfg, -1, arrival, time.time(), groups, labels,
+                                    prediction), request, pi)
         batch = plan["batches"][0]
         profile = next(p for p in app_cfg.model_profiles if p.name == batch["model"])
+        # The tick's own score task, with the sample carried inline instead of in a slot.
         read = ReadResult(
             app=app, modality=profile.modality, server="", tick=tick, worker="",
-            node=plugin.node, groups=np.asarray([group], dtype=np.int64),
-            labels=np.asarray([label], dtype=np.int64),
+            node=plugin.node, groups=groups, labels=labels,
+            samples=samples[profile.modality][None],
         )
         future = client.submit(
-            score_sample_task, run_id, app, batch["model"], read, samples[profile.modality],
+            score_task, run_id, app, batch["model"], [group], [read], tick,
             key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
             resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)), pure=False,
         )
         result, reason = _wait(client, future, batch["worker"],
                                time.time() + 2 * app_cfg.sla_latency + GRACE_S)
     if result is None:
-        return _record(app_cfg, app, group, label, arrival, "failed", reason, request,
-                       model=batch["model"], worker=batch["worker"], pi=pi)
-    if not result["ok"][0]:
-        return _record(app_cfg, app, group, label, arrival, "failed",
-                       result["errors"].get(group, "model-error"), request,
-                       model=result["model"], worker=result["worker"], pi=pi)
-    return _record(app_cfg, app, group, label, arrival, "completed", "", request,
-                   model=result["model"], worker=result["worker"], pi=pi,
-                   finish=float(np.ravel(result["finish"])[0]), prediction=int(result["pred"][0]))
+        return miss("failed", reason, batch["model"], batch["worker"], pi)
+    chunk, errors = scored(app_cfg, -1, arrival, result)
+    if chunk is None:
+        return miss("failed", errors.get(group, "model-error"), result["model"],
+                    result["worker"], pi)
+    return _record(chunk, request, pi)
 
 
 def _wait(client: Any, future: Any, worker: str, deadline: float) -> tuple[Any, str]:
@@ -185,72 +185,23 @@ def _wait(client: Any, future: Any, worker: str, deadline: float) -> tuple[Any, 
         return None, reason
 
 
-def score_sample_task(
-    run_id: str, app: str, model: str, read: ReadResult, sample: np.ndarray
-) -> dict[str, Any]:
-    """On the GPU worker: score one inline sample, as a batch of one.
-
-    Profile-mode models take the tick path unchanged (the sample is not needed there); a
-    real model gets the sample straight from the task's arguments instead of shared memory.
-    """
-    plugin = current_plugin()
-    config = plugin.ensure_run(run_id)
-    app_cfg = _app(config, app)
-    profile = next(p for p in app_cfg.model_profiles if p.name == model)
-    if profile.use_profile:
-        return score_task(run_id, app, model, read.groups.tolist(), [read], read.tick)
-
-    from serif_dask import dataplane
-
-    started = time.time()
-    group = int(read.groups[0])
-    pred = np.full(1, -1, dtype=np.int64)
-    errors: dict[int, str] = {}
-    try:
-        loaded, _ = dataplane.load_model(plugin, app_cfg, profile)
-    except Exception as exc:  # Redis down, weights missing or corrupted
-        errors[group] = f"weights-unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:200]
-    else:
-        try:
-            pred[:] = dataplane.forward(loaded, np.asarray(sample, dtype=np.float32)[None])
-        except Exception as exc:
-            errors[group] = f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
-    return {
-        "groups": read.groups, "pred": pred, "labels": read.labels,
-        "ok": np.asarray([not errors]), "errors": errors, "start": started,
-        "finish": time.time(), "model": model,
-        "worker": str(plugin.worker.name) if plugin.worker else "",
-    }
-
-
-def _record(
-    app_cfg: Application | None, app: str, group: int, label: int, arrival: float,
-    outcome: str, reason: str, request: str, *, model: str = "", worker: str = "",
-    pi: bytes | None = None, finish: float = float("nan"), prediction: int = -1,
-) -> dict[str, Any]:
+def _record(chunk: Chunk, request: str, pi: bytes | None = None) -> dict[str, Any]:
     """The request's record: the JSONL fields (``tick`` is None), ``request`` and ``pi``."""
-    labels = np.asarray([label], dtype=np.int64)
-    utility = np.zeros(1)
-    latency = np.asarray([finish - arrival])
-    if app_cfg is not None:
-        if outcome == "completed":
-            utility = completed_utility(
-                latency, app_cfg.sla_latency, np.asarray(app_cfg.utility_matrix, dtype=float),
-                np.asarray(app_cfg.prior, dtype=float), labels, np.asarray([prediction]),
-            )
-        else:
-            utility = np.full(1, float(app_cfg.miss_utility))
-    chunk = Chunk(
-        app=app, tick=-1, model=model, worker=worker, outcome=outcome,
-        group=np.asarray([group]), arrival=np.asarray([arrival]), finish=np.asarray([finish]),
-        prediction=np.asarray([prediction]), label=labels, utility=utility,
-        deadline_met=latency <= (app_cfg.sla_latency if app_cfg else 0.0), reason=[reason],
-    )
     record = next(chunk.rows())
     record["tick"] = None
     record["request"] = request
     if pi is not None:
-        from distributed.protocol.pickle import loads
-
         record["pi"] = [float(x) for x in np.asarray(loads(pi), dtype=float)[0]]
     return record
+
+
+def _unconfigured(app: str, group: int, label: int, arrival: float, reason: str,
+                  request: str) -> dict[str, Any]:
+    """A failed request whose run (and so its application's config) is gone."""
+    nan = np.asarray([np.nan])
+    return _record(Chunk(
+        app=app, tick=-1, model="", worker="", outcome="failed", group=np.asarray([group]),
+        arrival=np.asarray([arrival]), finish=nan, prediction=np.asarray([-1]),
+        label=np.asarray([label]), utility=np.zeros(1), deadline_met=np.zeros(1, bool),
+        reason=[reason],
+    ), request)

@@ -41,6 +41,9 @@ class ReadResult:
     errors: dict[int, str] = field(default_factory=dict)  # group -> reason
     input_key: str | None = None  # samples kept in the data worker's memory, for peeks
     refs: tuple | None = None  # per group: SlotRef in the node's shared-memory cache
+    #: The samples themselves, rows aligned with ``groups``: an ad-hoc request carries
+    #: its input in the score task instead of a cache slot.
+    samples: np.ndarray | None = None
 
 
 def _app(config: SerifConfig, name: str) -> Application:

@@ -16,7 +16,6 @@ from distributed import Client
 from redis_fixtures import assert_gone
 
 from serif_dask import Serif, load_config, local_cluster
-from serif_dask.driver import peek_modality
 from serif_dask.policies import _REGISTERED, register_policy
 from serif_dask.redis_server import EmbeddedRedis, start_cluster
 from serif_dask.store import REDIS_ERRORS, WeightStore, connect
@@ -172,7 +171,7 @@ def test_data_worker_killed_mid_read(tmp_path: Path, monkeypatch: pytest.MonkeyP
     config = load_config([tmp_path])
     kill_tick = {"wakeword": 2, "falldetection": 1}  # the ticks read at t = 2 s
     bay_a = {
-        app.name: set(config.groups_of("bay-a", peek_modality(config, app)))
+        app.name: set(config.groups_of("bay-a", config.peek_modality(app)))
         for app in config.apps
     }
 
@@ -424,7 +423,7 @@ def test_hung_model_fails_score_timeout_and_its_worker_is_restarted(
     """node-a's linear model wedges in its third forward (tick 1) for 120 s: those requests
     fail ``score-timeout`` at the tick's deadline (not ``policy-drop``), the worker still
     running it is restarted through its nanny, and node-a serves again afterwards."""
-    import serif_dask.driver
+    import serif_dask.tick
 
     server = _persistent_redis(tmp_path)
     path = _digits_config(tmp_path / "config", [server.port], colocate=True)
@@ -433,7 +432,7 @@ def test_hung_model_fails_score_timeout_and_its_worker_is_restarted(
     (path / "application.json").write_text(json.dumps(doc))
     # Forward 1 is the warm-up, 2 is tick 0, 3 hangs.
     monkeypatch.setenv(HANG_MODEL_ENV, f"{tmp_path / 'hung'}:120:3")
-    monkeypatch.setattr(serif_dask.driver, "STUCK_S", 3.0)
+    monkeypatch.setattr(serif_dask.tick, "STUCK_S", 3.0)
     config = load_config([path])
     try:
         with local_cluster(config) as cluster, Client(cluster) as client:
