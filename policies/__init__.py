@@ -53,8 +53,12 @@ class PlanProblem:
     #                 -inf where model m does not belong to the request's application
     eu_prior: np.ndarray  # float (R, M): the same with π = prior (data-oblivious baseline)
     miss_utility: np.ndarray  # float (R,): utility of a drop or failure
-    retrieval: np.ndarray  # float (R, M, W): seconds to bring r's input for m's modality
-    #                        to worker w (0 when the input is in w's node-local cache)
+    #: int (R,): where r's inputs lie, as an index into ``fetch``: requests whose inputs sit
+    #: on the same nodes share one placement, so the cost table stays small at any R.
+    source: np.ndarray
+    #: float (S, M, W): seconds to bring the inputs of placement s for model m's modality
+    #: to worker w (0 when they are in w's node-local cache); see :attr:`retrieval`.
+    fetch: np.ndarray
     # -- models (M) ----------------------------------------------------------------------
     model_app: np.ndarray  # int (M,): application index of each model
     infer: np.ndarray  # float (M, W): per-request inference seconds; inf when infeasible
@@ -78,6 +82,16 @@ class PlanProblem:
         if self.peek_utility is None:
             return miss
         return np.maximum(miss, np.asarray(self.peek_utility, dtype=float))
+
+    @property
+    def retrieval(self) -> np.ndarray:
+        """float (R, M, W): ``fetch`` per request. Dense, so R·M·W floats: index ``fetch``
+        with ``source`` for the rows you need instead, as the built-in policies do."""
+        return np.asarray(self.fetch, dtype=float)[np.asarray(self.source)]
+
+    def retrieval_of(self, rows: np.ndarray, m: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Seconds to bring request ``rows[i]``'s input for model ``m[i]`` to worker ``w[i]``."""
+        return np.asarray(self.fetch, dtype=float)[np.asarray(self.source)[rows], m, w]
 
     @property
     def feasible(self) -> np.ndarray:

@@ -101,7 +101,8 @@ class Planner:
         self.eu = np.asarray(problem.eu, dtype=float)
         # What a request earns unserved: a drop, or an answer from its SneakPeek estimate.
         self.miss = problem.drop_utility
-        self.retrieval = np.asarray(problem.retrieval, dtype=float)
+        self.source = np.asarray(problem.source)
+        self.fetch = np.asarray(problem.fetch, dtype=float)
         self.tl = Timeline.start(problem)
         r = problem.n_requests
         self.model = np.full(r, DROP)
@@ -127,7 +128,7 @@ class Planner:
     def retr(self, idx: np.ndarray, m: np.ndarray, w: np.ndarray) -> np.ndarray:
         if not self.cache_aware:
             return np.zeros(idx.shape)
-        return self.retrieval[idx, m, w]
+        return self.fetch[self.source[idx], m, w]
 
     def pooled_cost(self) -> np.ndarray:
         """float (M,): seconds of the whole cluster one request of each model takes, with
@@ -259,7 +260,8 @@ class Planner:
             open_ = self.open_mask()
             base = self.base()
             first = self.p.now + base + self.infer  # (M, W)
-            fin = first[None, :, :] + (self.retrieval[pending] if self.cache_aware else 0.0)
+            fetch = self.fetch[self.source[pending]] if self.cache_aware else 0.0
+            fin = first[None, :, :] + fetch
             f = timeliness(fin - self.arrival[pending, None, None], self.sla[pending, None, None])
             eu = self.eu[pending]
             ok = open_[None] & np.isfinite(eu)[:, :, None]

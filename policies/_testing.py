@@ -105,9 +105,9 @@ def make_problem(
         eu_prior[np.ix_(rows, cols)] = expected_utility(prior, stack, spec["utility"])[None, :]
     # Inputs sit in one node's cache; any other worker pays 5-20 ms to fetch them.
     home = rng.integers(0, n_workers, n_requests)
-    fetch = rng.uniform(0.005, 0.02, n_workers)
-    retrieval = np.broadcast_to(fetch[None, None, :], (n_requests, m, n_workers)).copy()
-    retrieval[np.arange(n_requests), :, home] = 0.0
+    seconds = rng.uniform(0.005, 0.02, n_workers)
+    fetch = np.broadcast_to(seconds[None, None, :], (n_workers, m, n_workers)).copy()
+    fetch[np.arange(n_workers), :, np.arange(n_workers)] = 0.0  # placement s: worker s's node
     return PlanProblem(
         now=now,
         app=app,
@@ -117,7 +117,8 @@ def make_problem(
         eu=eu,
         eu_prior=eu_prior,
         miss_utility=np.zeros(n_requests),
-        retrieval=retrieval,
+        source=home,
+        fetch=fetch,
         model_app=model_app_arr,
         infer=infer,
         switch=switch,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -162,17 +163,7 @@ def build_problem(
     if w and workers.drift is not None:
         infer = infer * workers.drift
     switch = table.switch_node[:, workers.node_index] if w else np.zeros((m_all, 0))
-    retrieval = np.zeros((n, m_all, w))
-    if w:
-        hosts = np.asarray(workers.host_node)
-        for mod_name, nodes in input_node.items():
-            cols = [i for i in app.models if table.modality[i] == mod_name]
-            if not cols:
-                continue
-            mod = table.modality_names.index(mod_name)
-            cost = table.retrieval_node[mod, workers.node_index]  # (W,)
-            remote = np.asarray(nodes)[:, None] != hosts[None, :]  # (R, W)
-            retrieval[:, cols, :] = (remote * cost[None, :])[:, None, :]
+    source, fetch = placements(table, app, workers, input_node, n)
     return PlanProblem(
         now=now,
         app=np.full(n, app.index, dtype=np.int64),
@@ -182,7 +173,8 @@ def build_problem(
         eu=eu,
         eu_prior=eu_prior,
         miss_utility=np.full(n, app.miss_utility),
-        retrieval=retrieval,
+        source=source,
+        fetch=fetch,
         model_app=table.model_app,
         infer=infer,
         switch=switch,
@@ -193,6 +185,40 @@ def build_problem(
         worker_names=workers.addresses,
         peek_utility=peek_answer(pi, app.utility)[0] if answer else np.full(n, -np.inf),
     )
+
+
+def placements(
+    table: ModelTable, app: AppTable, workers: WorkerView, input_node: dict[str, Any], n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Requests grouped by where their inputs lie: (source (n,), fetch (S, M, W)).
+
+    A request's placement is the node holding each of its modalities' inputs; the groups
+    of one data server share one, so S is at most the number of distinct server
+    combinations, whatever n is. ``fetch[s, m, w]`` is 0 when worker w's node holds the
+    input of model m's modality, else that modality's retrieval latency for w's node.
+    """
+    w = len(workers.addresses)
+    mods = [m for m in sorted(input_node)
+            if any(table.modality[i] == m for i in app.models)]
+    if not mods or n == 0:
+        return np.zeros(n, dtype=np.int64), np.zeros((1, table.n_models, w))
+    codes, names = [], []
+    for mod_name in mods:
+        uniq, inverse = np.unique(np.asarray(input_node[mod_name], dtype=object).astype(str),
+                                  return_inverse=True)
+        codes.append(inverse.reshape(-1))
+        names.append(uniq)
+    combos, source = np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+    fetch = np.zeros((combos.shape[0], table.n_models, w))
+    if w:
+        hosts = np.asarray(workers.host_node).astype(str)
+        for k, mod_name in enumerate(mods):
+            cols = [i for i in app.models if table.modality[i] == mod_name]
+            mod = table.modality_names.index(mod_name)
+            cost = table.retrieval_node[mod, workers.node_index]  # (W,)
+            remote = names[k][combos[:, k]][:, None] != hosts[None, :]  # (S, W)
+            fetch[:, cols, :] = (remote * cost[None, :])[:, None, :]
+    return source.reshape(-1).astype(np.int64), fetch
 
 
 def peek_answer(pi: np.ndarray, utility: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -206,9 +232,10 @@ def peek_answer(pi: np.ndarray, utility: np.ndarray) -> tuple[np.ndarray, np.nda
     return value[np.arange(len(value)), pred], pred.astype(np.int64)
 
 
-#: The request-indexed fields of a PlanProblem (first axis R), joined by :func:`join`.
+#: The request-indexed fields of a PlanProblem (first axis R), joined by :func:`join`
+#: (``source`` too, shifted to the joined ``fetch`` table).
 _PER_REQUEST = ("app", "group", "arrival", "sla", "eu", "eu_prior", "miss_utility",
-                "retrieval", "peek_utility")
+                "peek_utility")
 
 
 def join(problems: list[PlanProblem], rng: np.random.Generator) -> PlanProblem:
@@ -223,6 +250,10 @@ def join(problems: list[PlanProblem], rng: np.random.Generator) -> PlanProblem:
     first = problems[0]
     joined = {name: np.concatenate([getattr(p, name) for p in problems])
               for name in _PER_REQUEST}
+    offsets = np.cumsum([0] + [len(p.fetch) for p in problems[:-1]])
+    joined["source"] = np.concatenate([p.source + o for p, o in zip(problems, offsets,
+                                                                    strict=True)])
+    joined["fetch"] = np.concatenate([p.fetch for p in problems])
     return dataclasses.replace(first, rng=rng, **joined)
 
 
@@ -256,7 +287,7 @@ def batches(problem: PlanProblem, plan: Plan, warm: np.ndarray, rows: np.ndarray
         m, w = int(model[chunk[0]]), int(worker[chunk[0]])
         seconds = (
             (problem.switch[m, w] if not warm[w, m] else 0.0)
-            + float(problem.retrieval[chunk, m, w].max())
+            + float(problem.fetch[problem.source[chunk], m, w].max())
             + len(chunk) * problem.infer[m, w]
         )
         out.append(Batch(m, w, chunk, float(seconds)))

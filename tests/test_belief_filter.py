@@ -111,7 +111,8 @@ def _problem(app: int, n: int, gain: float, infer: float, *, peek: float = -np.i
     return PlanProblem(
         now=now, app=np.full(n, app), group=np.arange(n), arrival=np.full(n, now),
         sla=np.ones(n), eu=eu, eu_prior=eu, miss_utility=np.zeros(n),
-        retrieval=np.zeros((n, n_models, 1)), model_app=np.arange(n_models),
+        source=np.zeros(n, int), fetch=np.zeros((1, n_models, 1)),
+        model_app=np.arange(n_models),
         infer=np.full((n_models, 1), infer), switch=np.zeros((n_models, 1)),
         backlog=np.zeros(1), warm=np.ones((1, n_models), bool),
         rng=np.random.default_rng(0), peek_utility=np.full(n, peek),

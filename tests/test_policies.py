@@ -30,7 +30,7 @@ CACHE_AWARE = {
 
 
 def _no_retrieval(p):
-    return dataclasses.replace(p, retrieval=np.zeros_like(p.retrieval))
+    return dataclasses.replace(p, fetch=np.zeros_like(p.fetch))
 
 
 def _plan(name, p) -> Plan:
@@ -224,7 +224,7 @@ def _one_deadline_problem(eu: np.ndarray, infer: np.ndarray, n_workers: int = 2)
     return PlanProblem(
         now=now, app=np.zeros(r, int), group=np.arange(r), arrival=np.full(r, now),
         sla=np.ones(r), eu=eu, eu_prior=eu, miss_utility=np.zeros(r),
-        retrieval=np.zeros((r, m, n_workers)), model_app=np.zeros(m, int),
+        source=np.zeros(r, int), fetch=np.zeros((1, m, n_workers)), model_app=np.zeros(m, int),
         infer=np.tile(np.asarray(infer, float)[:, None], (1, n_workers)),
         switch=np.zeros((m, n_workers)), backlog=np.zeros(n_workers),
         warm=np.ones((n_workers, m), bool), rng=np.random.default_rng(0),
