@@ -203,12 +203,20 @@ def placements(
     if not mods or n == 0:
         return np.zeros(n, dtype=np.int64), np.zeros((1, table.n_models, w))
     codes, names = [], []
-    for mod_name in mods:
-        uniq, inverse = np.unique(np.asarray(input_node[mod_name], dtype=object).astype(str),
-                                  return_inverse=True)
-        codes.append(inverse.reshape(-1))
-        names.append(uniq)
-    combos, source = np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)
+    for mod_name in mods:  # factorise the node names: a dict pass, no string sort
+        index: dict[str, int] = {}
+        code = np.fromiter((index.setdefault(node, len(index)) for node in input_node[mod_name]),
+                           dtype=np.int64, count=n)
+        codes.append(code)
+        names.append(np.asarray(list(index), dtype=object))
+    if len(codes) == 1:
+        combos, source = np.unique(codes[0], return_inverse=True)
+        combos = combos[:, None]
+    else:
+        width = [len(x) for x in names]
+        flat = np.ravel_multi_index(codes, width)  # one int per combination of nodes
+        uniq, source = np.unique(flat, return_inverse=True)
+        combos = np.stack(np.unravel_index(uniq, width), axis=1)
     fetch = np.zeros((combos.shape[0], table.n_models, w))
     if w:
         hosts = np.asarray(workers.host_node).astype(str)
