@@ -9,13 +9,15 @@ late failure never records a request twice and the tick's end records what is le
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from serif_dask.config import Application
-from serif_dask.records import PEEK_MODEL, Chunk, RecordLog, completed_utility
+from serif_dask.records import PEEK_MODEL, Chunk, LatencySketch, RecordLog, completed_utility
+from serif_dask.wire import pack
 
 
 def _utility(app: Application, latency: np.ndarray, labels: np.ndarray,
@@ -93,16 +95,19 @@ class TickLedger:
         self.labels: np.ndarray | None = None
         self._log = log
         self._on_records = on_records
+        self.record_s = 0.0  # spent recording (the log, the results stream callback)
 
     def left(self) -> np.ndarray:
         return self.groups[self.pending]
 
     def record(self, chunk: Chunk) -> None:
+        started = time.perf_counter()
         self.pending[chunk.group] = False
         self.recorded.append(chunk)
         self._log.add(chunk)
         if self._on_records is not None:
             self._on_records(list(chunk.rows()))
+        self.record_s += time.perf_counter() - started
 
     def fail(self, which: np.ndarray, reason: str, model: str = "", worker: str = "") -> None:
         """Fail those of ``which`` not yet recorded."""
@@ -139,7 +144,7 @@ class TickLedger:
             "outcomes": outcomes, "reasons": reasons,
             "utility": float(sum(c.utility.sum() for c in self.recorded)),
             "deadline_met": int(sum(c.deadline_met.sum() for c in done)),
-            "latencies": [float(x) for c in done for x in c.latency],
+            "latencies": pack(np.concatenate([c.latency for c in done]) if done else [], float),
         }
 
 
@@ -174,3 +179,28 @@ class BatchTimes:
                     "measured_ms_per_request": 1000 * measured / n}
             for model, (planned, measured, n) in sorted(self.drift.items()) if n
         }
+
+
+class StageTimes:
+    """Per tick, the seconds spent in each step, sketched: where the next bottleneck is.
+
+    ``read``: from the tick's start until its peeked reads returned; ``peek``: until the
+    peeks were in; ``plan``: waiting for and getting the plan (its round and turn
+    included); ``score``: from the batches' submission until the last was recorded;
+    ``record``: the driver's own time building and writing the records.
+    """
+
+    STAGES = ("read", "peek", "plan", "score", "record")
+
+    def __init__(self) -> None:
+        self._sketches = {stage: LatencySketch(exact_cap=1 << 12) for stage in self.STAGES}
+
+    def add(self, times: dict[str, float]) -> None:
+        for stage, seconds in times.items():
+            if stage in self._sketches:
+                self._sketches[stage].add(np.asarray([seconds]))
+
+    def result(self) -> dict[str, dict[str, float | None]]:
+        """``{stage: {"p50", "p95"}}`` in ms per tick."""
+        return {stage: sketch.percentiles_ms((50, 95))
+                for stage, sketch in self._sketches.items()}

@@ -24,7 +24,7 @@ import numpy as np
 from distributed import Client
 from distributed.protocol.pickle import dumps
 
-from serif_dask.accounting import BatchTimes, TickLedger, missed
+from serif_dask.accounting import BatchTimes, StageTimes, TickLedger, missed
 from serif_dask.config import Application, SerifConfig
 from serif_dask.credentials import RedisCredentials
 from serif_dask.errors import RunRefused
@@ -70,6 +70,7 @@ class RunStats:
     ticks: int = 0
     ticks_late: int = 0
     decision_ms: DecisionTimes = field(default_factory=DecisionTimes)  # bounded
+    stages: StageTimes = field(default_factory=StageTimes)  # bounded
 
 
 class Driver:
@@ -280,5 +281,6 @@ class Driver:
                 "run_id": self.run_id,
                 "wall_s": time.time() - self.started if self.started else 0.0,
                 "batch_latency": self.batch_times.summary(),
+                "tick_ms": self.stats.stages.result(),
             },
         )

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serif_dask import memory
+from serif_dask.wire import unpack
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -99,7 +100,7 @@ class Telemetry:
             self.decision = Histogram(DECISION_BUCKETS)
 
     def observe_report(
-        self, app: str, n: int, utility: float, deadline_met: int, latencies: list[float]
+        self, app: str, n: int, utility: float, deadline_met: int, latencies: Any
     ) -> None:
         hist = self.latency.setdefault(app, Histogram(LATENCY_BUCKETS))
         hist.observe(latencies)
@@ -140,7 +141,7 @@ def _wrap_report(plugin: SerifSchedulerPlugin, original: Callable[..., Any]) -> 
                     sum(outcomes.values()),
                     kwargs.get("utility", 0.0),
                     kwargs.get("deadline_met", 0),
-                    kwargs.get("latencies") or [],
+                    unpack(kwargs.get("latencies"), float),
                 )
         except Exception:
             logger.exception("serif: could not record report metrics")

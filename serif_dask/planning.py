@@ -137,7 +137,7 @@ def build_problem(
     groups: np.ndarray,
     arrival: np.ndarray,
     pi: np.ndarray,
-    input_node: dict[str, np.ndarray],
+    input_node: dict[str, Any],
     workers: WorkerView,
     now: float,
     rng: np.random.Generator,
@@ -146,8 +146,9 @@ def build_problem(
     """Assemble one application's pending requests into a PlanProblem.
 
     ``input_node[modality]`` names, per request, the shared-memory node holding its input
-    (empty string when unknown); a worker on that node reads it for free, any other pays
-    the modality's retrieval latency for its compute node. With ``answer``, a request may
+    (empty string when unknown), or is a ``(names, code per request)`` pair; a worker on
+    that node reads it for free, any other pays the modality's retrieval latency for its
+    compute node. With ``answer``, a request may
     be answered from ``pi`` itself (:func:`peek_answer`).
     """
     n = groups.shape[0]
@@ -203,11 +204,15 @@ def placements(
     if not mods or n == 0:
         return np.zeros(n, dtype=np.int64), np.zeros((1, table.n_models, w))
     codes, names = [], []
-    for mod_name in mods:  # factorise the node names: a dict pass, no string sort
-        index: dict[str, int] = {}
-        code = np.fromiter((index.setdefault(node, len(index)) for node in input_node[mod_name]),
-                           dtype=np.int64, count=n)
-        codes.append(code)
+    for mod_name in mods:
+        given = input_node[mod_name]
+        if isinstance(given, tuple):  # already (names, code per request): serif_dask.wire
+            names.append(np.asarray(given[0], dtype=object))
+            codes.append(np.asarray(given[1], dtype=np.int64))
+            continue
+        index: dict[str, int] = {}  # factorise the node names: a dict pass, no string sort
+        codes.append(np.fromiter((index.setdefault(str(node), len(index)) for node in given),
+                                 dtype=np.int64, count=n))
         names.append(np.asarray(list(index), dtype=object))
     if len(codes) == 1:
         combos, source = np.unique(codes[0], return_inverse=True)

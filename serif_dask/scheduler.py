@@ -36,6 +36,7 @@ from serif_dask.policies._common import MIN_GAIN
 from serif_dask.roles import worker_role
 from serif_dask.service import keep_key_caches_small
 from serif_dask.sneakpeek import ForwardBeliefs, GroupBeliefs, make_beliefs, single_look
+from serif_dask.wire import pack, unpack, unpack_nodes
 
 logger = logging.getLogger("serif_dask.scheduler")
 
@@ -434,9 +435,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             _, prediction = peek_answer(pi_est[unserved - rows[0]], app_table.utility)
             replies.append({
                 "batches": batches,
-                "dropped": problem.group[unserved[~answer]].tolist(),
-                "answered": {"groups": problem.group[unserved[answer]].tolist(),
-                             "prediction": prediction[answer].tolist()},
+                "dropped": pack(problem.group[unserved[~answer]]),
+                "answered": {"groups": pack(problem.group[unserved[answer]]),
+                             "prediction": pack(prediction[answer])},
                 "drop_reason": "no-worker" if len(view.addresses) == 0 else "policy-drop",
                 "pi": dumps(pi_est),
                 "pi_single": None if single_pi is None else dumps(single_pi),
@@ -480,7 +481,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         return float(self.config.modality(self.config.peek_modality(app)).label_persistence)
 
     def report(self, app: str, outcomes: dict[str, int], reasons: dict[str, int],
-               utility: float, deadline_met: int, latencies: list[float],
+               utility: float, deadline_met: int, latencies: Any,
                run_id: str | None = None, batches: list[list] | None = None) -> None:
         """The driver reports finished requests, for live metrics, and each score batch's
         measured seconds (``[key, seconds]``), which teach the planner real latencies."""
@@ -510,7 +511,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         metrics.deadline_met += deadline_met
         for reason, count in reasons.items():
             metrics.reasons[reason] = metrics.reasons.get(reason, 0) + count
-        metrics.latencies.extend(latencies)
+        recent = unpack(latencies, float)[-(metrics.latencies.maxlen or 0):]
+        metrics.latencies.extend(recent.tolist())
         if n:
             metrics.timeline.append((time.time(), utility / n))
 
@@ -568,8 +570,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for part in parts:
             app_table = table.app(part["app"])
             app_cfg = self.config.app(part["app"])
-            groups_arr = np.asarray(part["groups"], dtype=np.int64)
-            arrival_arr = np.asarray(part["arrival"], dtype=float)
+            groups_arr = unpack(part["groups"], np.int64)
+            arrival = part["arrival"]  # one time for the whole tick, or one per request
+            arrival_arr = (np.full(groups_arr.size, float(arrival))
+                           if isinstance(arrival, int | float) else unpack(arrival, float))
             if request is not None:
                 arrival_arr = arrival_arr - self.run_started
             beliefs = self.beliefs[app_table.name]
@@ -585,7 +589,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
             problems.append(build_problem(
                 table, app_table, groups_arr, arrival_arr, pi,
-                {mod: np.asarray(nodes) for mod, nodes in part["input_node"].items()},
+                {mod: unpack_nodes(nodes) for mod, nodes in part["input_node"].items()},
                 view, now, np.random.default_rng(0),
                 answer=self.data_aware and app_cfg.sneakpeek.answer,
             ))
@@ -703,7 +707,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                     "key": key,
                     "worker": view.addresses[w],
                     "model": model_name,
-                    "groups": problem.group[chunk].tolist(),
+                    "groups": pack(problem.group[chunk]),
                     "priority": float(priority[chunk].max()),
                     "estimate_s": batch.seconds,
                 }

@@ -27,6 +27,7 @@ from serif_dask.accounting import answered, missed, scored
 from serif_dask.config import Application, SerifConfig
 from serif_dask.records import Chunk
 from serif_dask.tasks import ReadResult, _app, score_task
+from serif_dask.wire import unpack
 from serif_dask.worker import current_plugin
 
 logger = logging.getLogger("serif_dask.submit")
@@ -136,10 +137,10 @@ def submit_task(
             reason = str(exc) if str(exc).startswith("run-changed") else f"submit-error: {exc}"
             return miss("failed", reason.splitlines()[0][:200])
         pi = plan["pi"]
-        if plan["dropped"]:
+        if unpack(plan["dropped"], np.int64).size:
             return miss("dropped", plan["drop_reason"], pi=pi)
-        if plan["answered"]["groups"]:  # answered from the peek, no GPU time
-            prediction = np.asarray(plan["answered"]["prediction"][:1], dtype=np.int64)
+        if unpack(plan["answered"]["groups"], np.int64).size:  # from the peek, no GPU time
+            prediction = unpack(plan["answered"]["prediction"], np.int64)[:1]
             return _record(answered(app_cfg, -1, arrival, time.time(), groups, labels,
                                     prediction), request, pi)
         batch = plan["batches"][0]

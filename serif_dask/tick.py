@@ -27,6 +27,7 @@ from serif_dask.config import Application
 from serif_dask.rounds import PIPELINE_S, PlanRound
 from serif_dask.tasks import export_task, peek_task, read_task, score_task
 from serif_dask.waiting import live_workers, outcome, settled, wait_or_change
+from serif_dask.wire import pack, pack_nodes, unpack
 
 if TYPE_CHECKING:
     from serif_dask.driver import Driver
@@ -80,8 +81,10 @@ class _Graph:
     futures: list[Future] = field(default_factory=list)
     data: dict[str, dict[str, Any]] = field(default_factory=dict)  # server -> worker
     host_node: dict[str, str] = field(default_factory=dict)  # worker address -> node
-    #: per modality, per group: the shared-memory node holding its input ("": none)
-    input_node: dict[str, np.ndarray] = field(default_factory=dict)
+    #: per modality, per group: the shared-memory node holding its input, as an index
+    #: into ``nodes`` (0: none known)
+    input_code: dict[str, np.ndarray] = field(default_factory=dict)
+    nodes: list[str] = field(default_factory=lambda: [""])
     attempt: int = 0  # re-plans so far
 
 
@@ -102,6 +105,8 @@ class Tick:
         self.ledger = TickLedger(app, tick, arrival, groups, driver.log,
                                  driver.options.on_records)
         self.graph = _Graph()
+        #: seconds this tick spent per step (read, peek, plan, score), for the summary
+        self.times: dict[str, float] = {}
 
     def _key(self, kind: str, *parts: object) -> str:
         return "-".join(["serif", kind, self.run_id, self.app.name, str(self.tick),
@@ -134,6 +139,7 @@ class Tick:
             ledger.fail(ledger.groups, "unaccounted")  # nothing unrecorded is ever lost
             for fut in self.graph.futures:
                 fut.release()
+            driver.stats.stages.add({**self.times, "record": ledger.record_s})
             if not driver.scheduler_lost:
                 await driver.report(self.app, ledger)
 
@@ -161,11 +167,17 @@ class Tick:
             cancel = asyncio.ensure_future(self.client.cancel(unfinished, asynchronous=True))
             cancel.add_done_callback(lambda t: t.cancelled() or t.exception())  # best effort
 
+    def _input_nodes(self, groups: np.ndarray) -> dict[str, Any]:
+        """Where ``groups``' inputs lie, per modality, for ``serif_plan`` (codes, no strings)."""
+        graph = self.graph
+        return {m: pack_nodes(graph.nodes, codes[groups]) for m, codes in graph.input_code.items()}
+
     def _owned(self, server: str, mod: str) -> np.ndarray:
         return np.asarray(self.config.groups_of(server, mod), dtype=np.int64)
 
     async def _steps(self) -> None:
         app, graph, ledger = self.app, self.graph, self.ledger
+        started = time.perf_counter()
         workers = await live_workers(self.client)
         graph.data = {w["node"]: w for w in workers if w["role"] == "data"}
         graph.host_node = {w["address"]: w["host_node"] for w in workers}
@@ -173,27 +185,31 @@ class Tick:
         self._submit_reads(peek_mod)
 
         graph.stage = "peek"
-        scores, labels = await self._peek(peek_mod)
+        scores, labels = await self._peek(peek_mod, started)
         live = ledger.left()
         if live.size == 0:
             return
         graph.stage = "plan"
+        planning = time.perf_counter()
         plan = await self.plan_round.plan(self.member, {
-            "app": app.name, "tick": self.tick, "groups": live.tolist(),
-            "arrival": [self.logical] * live.size, "scores": dumps(scores[live]),
-            "input_node": {m: nodes[live].tolist() for m, nodes in graph.input_node.items()},
+            "app": app.name, "tick": self.tick, "groups": pack(live, np.int64),
+            "arrival": float(self.logical), "scores": dumps(scores[live]),
+            "input_node": self._input_nodes(live),
         }, self.logical + PIPELINE_S)
         planned = time.time()
+        self.times["plan"] = time.perf_counter() - planning
         pi = np.asarray(loads(plan["pi"]), dtype=float)
         single = None if plan["pi_single"] is None else np.asarray(loads(plan["pi_single"]))
         self.driver.log.add_beliefs(app.name, labels[live], pi,
                                     np.asarray(app.prior, dtype=float), single)
-        dropped = np.asarray(plan["dropped"], dtype=np.int64)
+        dropped = unpack(plan["dropped"], np.int64)
         if dropped.size:  # labels known from the peek are kept: a drop's lost utility shows
             ledger.drop(dropped, plan["drop_reason"])
         self._answered(plan["answered"], planned)
         graph.stage = "score"
+        scoring = time.perf_counter()
         await self._collect(self._submit_batches(plan["batches"]))
+        self.times["score"] = time.perf_counter() - scoring
 
     def _submit_reads(self, peek_mod: str) -> None:
         app, graph, ledger = self.app, self.graph, self.ledger
@@ -201,7 +217,7 @@ class Tick:
         shared = {m: any(p.modality == m and not p.use_profile for p in app.model_profiles)
                   for m in mods}
         graph.reads = {m: [] for m in mods}
-        graph.input_node = {m: np.full(ledger.groups.size, "", dtype=object) for m in mods}
+        graph.input_code = {m: np.zeros(ledger.groups.size, dtype=np.int32) for m in mods}
         for mod in mods:
             for server in self.config.server_names:
                 owned = self._owned(server, mod)
@@ -211,7 +227,9 @@ class Tick:
                 if worker is None or worker["address"] not in self.driver.ready:
                     ledger.fail(owned, "reader-lost")  # gone, or back but not warm yet
                     continue
-                graph.input_node[mod][owned] = worker["host_node"]
+                if worker["host_node"] not in graph.nodes:
+                    graph.nodes.append(worker["host_node"])
+                graph.input_code[mod][owned] = graph.nodes.index(worker["host_node"])
                 fut = self.client.submit(
                     read_task, self.run_id, app.name, mod, server, owned.tolist(), self.tick,
                     mod == peek_mod, shared[mod], key=self._key("read", server, mod),
@@ -220,7 +238,7 @@ class Tick:
                 graph.futures.append(fut)
                 graph.reads[mod].append((server, fut))
 
-    async def _peek(self, peek_mod: str) -> tuple[np.ndarray, np.ndarray]:
+    async def _peek(self, peek_mod: str, started: float) -> tuple[np.ndarray, np.ndarray]:
         """Class scores and labels per group (NaN / -1 where the look failed)."""
         app, graph, ledger = self.app, self.graph, self.ledger
         scores = np.full((ledger.groups.size, len(app.prior)), np.nan)
@@ -241,7 +259,10 @@ class Tick:
             for server in await self._await_reads(peek_mod, deadline):
                 with contextlib.suppress(Exception):
                     await self.client.cancel([peeks.pop(server)], asynchronous=True)
+            read = time.perf_counter()
+            self.times["read"] = read - started
             results = await self._gather_peeks(list(peeks.values()), deadline)
+            self.times["peek"] = time.perf_counter() - read
         labels = np.full(ledger.groups.size, -1, dtype=np.int64)
         for result in results:
             scores[result["groups"][result["ok"]]] = result["scores"][result["ok"]]
@@ -337,13 +358,13 @@ class Tick:
         return set(lost)
 
     def _answered(self, reply: dict[str, Any], finish: float) -> None:
-        groups = np.asarray(reply["groups"], dtype=np.int64)
+        groups = unpack(reply["groups"], np.int64)
         if groups.size:
             labels = self.ledger.labels
             assert labels is not None
             self.ledger.record(answered(
                 self.app, self.tick, self.arrival, finish, groups, labels[groups],
-                np.asarray(reply["prediction"], dtype=np.int64)))
+                unpack(reply["prediction"], np.int64)))
 
     # -- scoring -----------------------------------------------------------------------
     def _exports(self, modality: str, batch: dict[str, Any]) -> list[Future]:
@@ -369,6 +390,7 @@ class Tick:
         """One score task per (worker, model) batch, pinned to its GPU worker."""
         app, graph, batches = self.app, self.graph, {}
         for batch in plan_batches:
+            batch["groups"] = unpack(batch["groups"], np.int64)
             profile = next(p for p in app.model_profiles if p.name == batch["model"])
             exports = [] if profile.use_profile else self._exports(profile.modality, batch)
             reads = graph.reads[profile.modality]
@@ -393,9 +415,8 @@ class Tick:
         graph.attempt += 1
         now = time.time() - self.driver.started
         plan = await self.client.scheduler.serif_plan(
-            app=self.app.name, tick=self.tick, groups=groups.tolist(),
-            arrival=[self.logical] * groups.size, scores=None,
-            input_node={m: nodes[groups].tolist() for m, nodes in graph.input_node.items()},
+            app=self.app.name, tick=self.tick, groups=pack(groups, np.int64),
+            arrival=float(self.logical), scores=None, input_node=self._input_nodes(groups),
             now=max(now, self.logical + PIPELINE_S), started=self.driver.started,
             attempt=graph.attempt, run_id=self.run_id,
         )
@@ -463,7 +484,7 @@ class Tick:
             ledger.fail(lost, f"{reason}: re-plan failed: {exc}"[:200], batch["model"],
                         batch["worker"])
             return {}
-        dropped = np.asarray(plan["dropped"], dtype=np.int64)
+        dropped = unpack(plan["dropped"], np.int64)
         if dropped.size:
             ledger.fail(dropped, reason, batch["model"], batch["worker"])
         self._answered(plan["answered"], time.time())
@@ -474,6 +495,6 @@ class Tick:
         graph = self.graph
         for mod, rs in graph.reads.items():
             graph.reads[mod] = [(s, f) for s, f in rs if s != server]
-            graph.input_node[mod][self._owned(server, mod)] = ""
+            graph.input_code[mod][self._owned(server, mod)] = 0
             with contextlib.suppress(Exception):
                 await self.client.cancel([f for s, f in rs if s == server], asynchronous=True)
