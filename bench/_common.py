@@ -6,6 +6,7 @@ files, so a reader can diff what a bench changed against the example everybody r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOSPITAL = ROOT / "configs" / "hospital"
 FILES = ("system", "application", "data")
 
-#: Key prefixes of the tick graph's tasks (see ``serif_dask/driver.py``); each is
+#: Key prefixes of the tick graph's tasks (see ``serif_dask/tick.py``); each is
 #: ``<prefix><run_id>-<app>-<tick>-...``.
 TICK_PREFIXES = ("serif-read-", "serif-peek-", "serif-score-")
 
@@ -147,3 +148,43 @@ def parse_key(key: str, apps: tuple[str, ...]) -> tuple[str, str, str, int] | No
 def emit(result: dict[str, Any]) -> None:
     """Print the result as the last line of output (what ``make bench`` and CI read)."""
     print(json.dumps(result), flush=True)
+
+
+class PeakRss:
+    """The peak resident memory of this process and all its children (the LocalCluster's
+    workers, Redis), sampled on a thread every ``every_s`` seconds while in a ``with``."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        import threading
+
+        self.every_s = every_s
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="peak-rss", daemon=True)
+
+    def _total(self) -> int:
+        import psutil
+
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):  # gone between listing and reading
+                total += proc.memory_info().rss
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.peak_bytes = max(self.peak_bytes, self._total())
+
+    @property
+    def peak_mb(self) -> float:
+        return round(self.peak_bytes / 2**20, 1)
+
+    def __enter__(self) -> PeakRss:
+        self.peak_bytes = self._total()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -7,6 +7,11 @@ goes the whole way: read, peek, plan, score, record. Samples are shrunk to thumb
 (video [3, 2, 4, 4], audio [64]); full-size clips for 10,000 groups a second would measure
 memory bandwidth and, on a 2-core machine with little free memory, exhaust it.
 
+``tick_ms`` splits a tick's time by step (read, peek, plan, score, record; p50 and p95
+over ticks, see ``serif_dask.accounting.StageTimes``), so the next bottleneck is visible;
+``peak_rss_mb`` is the peak resident memory of the whole run: this process (scheduler,
+driver) and every child (workers, Redis), sampled every 0.25 s.
+
 ``ticks_late`` is the driver's count of ticks started more than half a period (at most
 0.5 s) after they were due. The run *keeps up* when no tick was late, no request failed and
 the p99 request latency stays below the tick period, so work does not pile up from one tick
@@ -26,7 +31,7 @@ from typing import Any
 from distributed import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import derive, emit, machine  # noqa: E402
+from _common import PeakRss, derive, emit, machine  # noqa: E402
 
 from serif_dask import Serif, load_config, local_cluster  # noqa: E402
 
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             derive(Path(tmp) / "scale", num_groups=args.groups, shapes=SHAPES, retrieval=0.0,
                    sample_duration=PERIOD_S, latency=lambda _i, _s: (args.infer, 0.0))
         ])
-        with local_cluster(config) as cluster, Client(cluster) as client:
+        with PeakRss() as rss, local_cluster(config) as cluster, Client(cluster) as client:
             s = Serif(client, config, policy=args.policy, data_aware=True,
                       seed=args.seed).run(duration)
 
@@ -73,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "failures_by_reason": s.get("failures_by_reason", {}),
         "latency_ms": s["latency_ms"],
         "decision_ms": s["decision_ms"],
+        "tick_ms": s["tick_ms"],
+        "peak_rss_mb": rss.peak_mb,
         "deadline_met": s["deadline_met"],
         "policy": args.policy,
         "infer_s": args.infer,
