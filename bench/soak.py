@@ -21,11 +21,19 @@ half), ``over_first_half_peak_mb`` per process (second-half max minus first-half
 ``sizes`` at the first, middle and last sample, the run's summary, the records files'
 size on disk (``--records-max-bytes`` rotates them), the processes ``/metrics`` reports
 and ``targets``: total slope <= 1 MB/min and no process > 50 MB above its first-half peak.
-``--trace`` also runs tracemalloc in every process and reports the allocation sites that
-grew most between the middle and the end; its snapshots run on each process's event loop
-and stall it for seconds (on a loaded 2-core machine the driver lost its scheduler), so use
-it at low rates. Object counts by type (``gc``) are taken after warm-up, at half-time and at
-the end. ``--plot FILE`` draws the RSS series.
+``heap`` samples the scheduler+driver process's heap beside its RSS at every sample (RSS
+split anonymous/file/shared, glibc's arenas over all threads: in use, free, mmapped; gc
+objects), so that a Python leak (in use grows) shows apart from allocator retention (RSS
+grows, in use flat). ``driver_state`` and ``container_growth`` count the driver's
+containers and every container one level down in the scheduler, its extensions, plugins,
+prefixes, groups, workers and clients, after warm-up, at half-time and at the end.
+``--trace`` starts tracemalloc in the scheduler+driver process (``--trace-workers``: in
+the workers too) after warm-up (the first 2 minutes, or 40 % of a short run) and reports
+the sites and stacks that grew from then, and from half-time, to a last snapshot taken
+well before the run's end; a snapshot stalls the process's event loop for seconds (on a
+loaded 2-core machine the driver lost its scheduler), so use it at low rates. Object counts
+by type (``gc``) are taken at the same times. A run that fails still reports its series
+(``run_error``). ``--plot FILE`` draws the RSS series.
 
 ``--quick`` runs 5 minutes, the default 30. Needs the test extras (psutil).
 """
@@ -50,6 +58,7 @@ from typing import Any
 import numpy as np
 import psutil
 from distributed import Client
+from distributed.comm.core import CommClosedError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, emit, load_docs, machine, write_config  # noqa: E402
@@ -126,27 +135,183 @@ def metrics_processes(port: int) -> dict[str, float]:
 
 
 # tracemalloc, run inside each process through the client -------------------------------
-def trace_mark() -> bool:
+# Each function reaches the process pickled by value, with globals of its own on every
+# call, so what must last between calls is kept on the tracemalloc module itself.
+def trace_start(nframe: int = 12) -> bool:
+    """Start tracing now (after warm-up): only what is allocated from here on is traced,
+    which is what growth is made of, and the startup runs at full speed."""
+    import tracemalloc
+
+    if not tracemalloc.is_tracing():
+        tracemalloc.start(nframe)
+    tracemalloc._serif_marks = {}  # type: ignore[attr-defined]
+    return True
+
+
+def trace_mark(name: str = "mark") -> bool:
+    """Keep a snapshot under ``name`` in the process, for :func:`trace_growth`."""
     import tracemalloc
 
     if not tracemalloc.is_tracing():
         return False
-    # Kept on the module: this function reaches the process pickled by value, with
-    # globals of its own on every call.
-    tracemalloc._serif_mark = tracemalloc.take_snapshot()  # type: ignore[attr-defined]
+    marks = getattr(tracemalloc, "_serif_marks", None)
+    if marks is None:
+        marks = tracemalloc._serif_marks = {}  # type: ignore[attr-defined]
+    marks[name] = tracemalloc.take_snapshot().filter_traces(
+        [tracemalloc.Filter(False, tracemalloc.__file__)])
     return True
 
 
-def trace_growth(top: int = 8) -> list[str]:
+def trace_growth(since: str = "mark", until: str = "end", top: int = 10,
+                 stacks: int = 4) -> dict[str, Any]:
+    """Sites that grew most from snapshot ``since`` to ``until`` (by line), the full
+    stacks of the ``stacks`` largest, and traced bytes at both."""
     import tracemalloc
 
-    mark = getattr(tracemalloc, "_serif_mark", None)
-    if mark is None or not tracemalloc.is_tracing():
-        return []
-    now = tracemalloc.take_snapshot().filter_traces(
-        [tracemalloc.Filter(False, tracemalloc.__file__)])
-    stats = now.compare_to(mark, "lineno")
-    return [str(s) for s in stats[:top]]
+    marks = getattr(tracemalloc, "_serif_marks", {})
+    if since not in marks or until not in marks:
+        return {}
+    a, b = marks[since], marks[until]
+    by_line = b.compare_to(a, "lineno")
+    by_stack = b.compare_to(a, "traceback")
+    return {
+        "traced_mb": [round(sum(t.size for t in s.traces) / 2**20, 2) for s in (a, b)],
+        "lines": [str(s) for s in by_line[:top]],
+        "stacks": [{"size_diff_kb": round(s.size_diff / 1024, 1), "count_diff": s.count_diff,
+                    "stack": s.traceback.format()[-16:]} for s in by_stack[:stacks]],
+    }
+
+
+def heap_probe() -> dict[str, float]:
+    """This process's heap, cheaply: Python bytes tracemalloc traces (once started), glibc's
+    view (in use, free inside its arenas, mmapped) and the number of gc-tracked objects.
+    Traced memory flat while RSS grows is allocator retention, not a Python leak."""
+    import ctypes
+    import gc
+    import tracemalloc
+
+    out: dict[str, float] = {"gc_objects": len(gc.get_objects())}
+    try:  # RSS split: anonymous (heap, pymalloc arenas, stacks), file-backed, shared memory
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in ("RssAnon", "RssFile", "RssShmem"):
+                    out[f"{key}_mb"] = round(int(value.split()[0]) / 1024, 2)
+    except OSError:  # not Linux
+        pass
+    if tracemalloc.is_tracing():
+        out["traced_mb"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 2)
+    try:  # malloc_info: every arena (mallinfo2 sees the main one only), as XML
+        import os
+        import re
+        import tempfile
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.fopen.restype = ctypes.c_void_p
+        libc.fopen.argtypes = [ctypes.c_char_p, ctypes.c_char_p]
+        libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        libc.fclose.argtypes = [ctypes.c_void_p]
+        fd, path = tempfile.mkstemp(prefix="serif-malloc-")
+        os.close(fd)
+        try:
+            fp = libc.fopen(path.encode(), b"w")
+            libc.malloc_info(0, fp)
+            libc.fclose(fp)
+            with open(path) as f:
+                xml = f.read()
+        finally:
+            os.unlink(path)
+        tail = xml[xml.rfind("</heap>"):]  # the totals over all arenas follow the last heap
+        free = sum(int(m) for m in re.findall(
+            r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"', tail))
+        current = int(re.search(r'<system type="current" size="(\d+)"', tail).group(1))
+        mmap = int(re.search(r'<total type="mmap" count="\d+" size="(\d+)"', tail).group(1))
+        out.update(malloc_arenas=xml.count("<heap nr="),
+                   malloc_arena_mb=round(current / 2**20, 2),
+                   malloc_free_mb=round(free / 2**20, 2),
+                   malloc_in_use_mb=round((current - free + mmap) / 2**20, 2),
+                   malloc_mmap_mb=round(mmap / 2**20, 2))
+    except (OSError, AttributeError, ValueError):  # not glibc
+        pass
+    return out
+
+
+def driver_state() -> dict[str, int]:
+    """Sizes of the driver's state in this process (``serif-dask run``: the scheduler's),
+    found through gc, since the run does not publish its Driver object."""
+    import gc
+    from collections import deque
+
+    out: dict[str, int] = {}
+    for obj in gc.get_objects():
+        if type(obj).__name__ != "Driver" or type(obj).__module__ != "serif_dask.driver":
+            continue
+        d: Any = obj
+        for name, value in vars(d).items():  # every container it holds, whatever its name
+            if isinstance(value, dict | list | set | deque):
+                out[name] = len(value)
+        log, stats = getattr(d, "log", None), getattr(d, "stats", None)
+        if log is not None:
+            writer = getattr(log, "_writer", None)
+            out["per_app"] = len(log.per_app)
+            out["records_queue"] = writer._work_queue.qsize() if writer is not None else 0
+            sketches = [log.totals.latency, *(t.latency for t in log.per_app.values())]
+            if stats is not None:
+                sketches.append(stats.decision_ms.sketch)
+            out["latency_drift"] = len(getattr(getattr(d, "batch_times", None), "drift", {}))
+            out["sketch_exact_values"] = sum(int(s._values.size) for s in sketches)
+        out["client_futures"] = len(d.client.futures)
+        out["client_refcount"] = len(getattr(d.client, "refcount", {}))
+        from serif_dask.membership import _BY_CLIENT
+
+        members = _BY_CLIENT.get(d.client)
+        if members is not None:
+            out["membership_workers"] = len(members.workers)
+            out["membership_waiters"] = len(members._waiters)
+    return out
+
+
+def container_lengths(dask_scheduler: Any) -> dict[str, int]:
+    """The length of every dict, list, set and deque held one level down by the scheduler,
+    its extensions and plugins, each client in the process, and summed over its task
+    prefixes, groups and workers: a net wider than ``scheduler_sizes`` for what grows."""
+    from collections import deque
+
+    from distributed import Client
+
+    kinds = (dict, list, set, deque)
+
+    def lens(obj: Any) -> dict[str, int]:
+        attrs = getattr(obj, "__dict__", {})
+        slots = [n for c in type(obj).__mro__ for n in getattr(c, "__slots__", ())]
+        out = {k: len(v) for k, v in attrs.items() if isinstance(v, kinds)}
+        for name in slots:
+            v = getattr(obj, name, None)
+            if isinstance(v, kinds):
+                out[name] = len(v)
+        return out
+
+    out: dict[str, int] = {}
+
+    def add(prefix: str, sizes: dict[str, int]) -> None:
+        for k, v in sizes.items():
+            out[f"{prefix}.{k}"] = out.get(f"{prefix}.{k}", 0) + v
+
+    s = dask_scheduler
+    add("scheduler", lens(s))
+    for name, ext in s.extensions.items():
+        add(f"ext[{name}]", lens(ext))
+    for name, plugin in s.plugins.items():
+        add(f"plugin[{name}]", lens(plugin))
+    for tp in s.task_prefixes.values():
+        add("task_prefix", lens(tp))
+    for tg in s.task_groups.values():
+        add("task_group", lens(tg))
+    for ws in s.workers.values():
+        add("worker_state", lens(ws))
+    for client in list(Client._instances):
+        add("client", lens(client))
+    return out
 
 
 def object_counts() -> dict[str, int]:
@@ -239,7 +404,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "K times the config's video")
     parser.add_argument("--records-max-bytes", default="16MB",
                         help="rotate the records file at this size (serif-dask run's option)")
-    parser.add_argument("--trace", action="store_true", help="tracemalloc in every process")
+    parser.add_argument("--trace", action="store_true",
+                        help="tracemalloc in the scheduler+driver process, after warm-up")
+    parser.add_argument("--trace-workers", action="store_true",
+                        help="with --trace: in the workers too")
+    parser.add_argument("--trace-frames", type=int, default=12,
+                        help="frames per traced allocation (more: slower, clearer stacks)")
     parser.add_argument("--plot", type=Path, default=None, help="draw the RSS series here")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
@@ -261,8 +431,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.records_max_bytes:
             cmd += ["--records-max-bytes", args.records_max_bytes]
         env = dict(os.environ)
-        if args.trace:
-            env["PYTHONTRACEMALLOC"] = "1"
         log_path = Path(tmp) / "run.log"  # a file, not a pipe nobody reads while it runs
         log = log_path.open("w")
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
@@ -270,7 +438,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t_s: list[float] = []
         rss: dict[str, list[float]] = {}
         sizes: list[dict[str, Any]] = []
-        growth: dict[str, list[str]] = {}
+        growth: dict[str, Any] = {}
+        heap: list[dict[str, Any]] = []
         reported: dict[str, float] = {}
         try:
             address = wait_scheduler(port, proc)
@@ -284,37 +453,75 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 tree = Processes(psutil.Process(proc.pid), pids)
                 start = time.monotonic()
                 end = start + minutes * 60
-                marked = False
+                # Tracing starts after warm-up (rings and caches filling at first are not
+                # growth) and the last snapshots are taken well before the run ends.
+                warm = min(120.0, minutes * 60 * 0.4)
+                margin = max(20.0, 2 * every) if args.trace else 1.0
+                traced = False
                 counts: list[dict[str, dict[str, int]]] = []
+                state: list[dict[str, Any]] = []
 
-                def snapshot() -> None:
+                def snapshot(now: float) -> None:
                     objs = {"scheduler+driver": client.run_on_scheduler(object_counts)}
                     for addr, c in client.run(object_counts).items():
                         objs[str(names.get(addr, addr))] = c
                     counts.append(objs)
+                    entry: dict[str, Any] = {"t_s": round(now, 1)}
+                    for key, probe in (("driver", driver_state),
+                                       ("containers", container_lengths)):
+                        try:  # the probes read private state, which may change shape
+                            entry[key] = client.run_on_scheduler(probe)
+                        except Exception as exc:
+                            entry[key] = {"error": repr(exc)}
+                    state.append(entry)
 
-                while proc.poll() is None and time.monotonic() < end - 1:
+                def trace(name: str) -> None:
+                    client.run_on_scheduler(trace_mark, name)
+                    if args.trace_workers:
+                        client.run(trace_mark, name)
+
+                while proc.poll() is None and time.monotonic() < end - margin:
                     now = time.monotonic() - start
                     sample = tree.sample()
                     t_s.append(round(now, 1))
                     for name in set(sample) | set(rss):
                         rss.setdefault(name, [float("nan")] * (len(t_s) - 1))
                         rss[name].append(round(sample.get(name, float("nan")), 1))
-                    sizes.append(_sizes(client, now))
-                    if (len(counts) == 0 and now >= minutes * 6) or (
+                    try:
+                        sizes.append(_sizes(client, now))
+                        heap.append({"t_s": round(now, 1), "rss_mb": round(sample.get(
+                            "scheduler+driver", float("nan")), 1),
+                            **client.run_on_scheduler(heap_probe)})
+                    except (OSError, TimeoutError, CommClosedError):
+                        if proc.poll() is None and time.monotonic() < end - margin:
+                            raise
+                        break  # the run ended while we asked
+                    if args.trace and not traced and now >= warm:
+                        client.run_on_scheduler(trace_start, args.trace_frames)
+                        if args.trace_workers:
+                            client.run(trace_start, args.trace_frames)
+                        trace("start")
+                        traced = True
+                    if (len(counts) == 0 and now >= warm) or (
                             len(counts) == 1 and now >= minutes * 30):
-                        snapshot()  # after warm-up (a tenth of the run), and at half-time
-                    if args.trace and not marked and now >= minutes * 30:
-                        client.run_on_scheduler(trace_mark)
-                        client.run(trace_mark)
-                        marked = True
+                        snapshot(now)  # after warm-up, and at half-time
+                        if traced and len(counts) == 2:
+                            trace("middle")
                     time.sleep(max(0.0, start + len(t_s) * every - time.monotonic()))
-                if proc.poll() is None and counts:
-                    snapshot()
-                if args.trace and marked:
-                    growth["scheduler+driver"] = client.run_on_scheduler(trace_growth)
-                    for addr, lines in client.run(trace_growth).items():
-                        growth[str(names.get(addr, addr))] = lines
+                try:  # the run may end meanwhile: what was gathered still counts
+                    if proc.poll() is None and counts:
+                        snapshot(time.monotonic() - start)
+                    if traced and proc.poll() is None:
+                        trace("end")
+                        for since in ("start", "middle"):
+                            growth[f"scheduler+driver {since}->end"] = (
+                                client.run_on_scheduler(trace_growth, since, "end"))
+                            if args.trace_workers:
+                                for addr, g in client.run(trace_growth, since, "end").items():
+                                    growth[f"{names.get(addr, addr)} {since}->end"] = g
+                except (OSError, TimeoutError, CommClosedError) as exc:
+                    print(f"soak: final snapshots lost, the run ended ({exc!r})",
+                          file=sys.stderr)
                 if proc.poll() is None:
                     reported = metrics_processes(port)
             proc.wait(timeout=600)
@@ -332,9 +539,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     proc.kill()
                     proc.wait()
         output = log_path.read_text(errors="replace").splitlines()
-        if proc.returncode != 0:
-            tail = "\n".join(output[-20:])
-            raise RuntimeError(f"serif-dask run failed ({proc.returncode}): {tail}")
+        run_error = None
+        if proc.returncode != 0:  # the memory series still tell something: report them
+            run_error = {"returncode": proc.returncode, "tail": output[-20:]}
+            if not summary_path.exists() or not t_s:
+                tail = "\n".join(output[-20:])
+                raise RuntimeError(f"serif-dask run failed ({proc.returncode}): {tail}")
         warnings = [line for line in output if line.startswith(("WARNING", "ERROR"))]
         summary = json.loads(summary_path.read_text())
         files = sorted(p for p in Path(tmp).iterdir() if p.name.startswith("records.jsonl"))
@@ -368,6 +578,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sizes": {"first": sizes[0] if sizes else {}, "middle": mid,
                   "last": sizes[-1] if sizes else {}},
         "tracemalloc_growth": growth,
+        "heap": {"series": heap, "slope_mb_per_min": {
+            k: round(slope([h["t_s"] for h in heap], [h.get(k, float("nan")) for h in heap]), 3)
+            for k in (heap[-1] if heap else {}) if k != "t_s"}},
+        "driver_state": [{"t_s": x["t_s"], **x["driver"]} for x in state],
+        "container_growth": {
+            f"{a['t_s']}->{b['t_s']}": {
+                k: [a["containers"].get(k, 0), v] for k, v in b["containers"].items()
+                if v != a["containers"].get(k, 0)}
+            for a, b in zip(state, state[1:], strict=False)},
         "object_count_growth": {
             "first_to_middle": {n: count_growth(counts[0][n], counts[1].get(n, {}))
                                 for n in counts[0]} if len(counts) > 1 else {},
@@ -376,6 +595,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "metrics_resident_mb": reported,
         "records_disk": disk,
+        "run_error": run_error,
         "run_warnings": {"count": len(warnings), "first": warnings[:5], "last": warnings[-5:]},
         "summary": {k: summary.get(k) for k in (
             "requests", "completed", "dropped", "failed", "deadline_met", "ticks",
