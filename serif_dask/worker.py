@@ -27,6 +27,24 @@ from serif_dask.config import SerifConfig
 logger = logging.getLogger("serif_dask.worker")
 
 
+class _ClosingHeartbeatFilter(logging.Filter):
+    """Dask logs a failed heartbeat with a traceback even when the worker is closing and
+    its own connection pool closed the heartbeat's comm: noise at every clean shutdown of
+    a run, printed where a user expects one summary. Kept while any worker of the process
+    is running, when it means a real lost scheduler."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to communicate with scheduler during "
+                                          "heartbeat"):
+            return True
+        from distributed.core import Status
+
+        return any(w.status == Status.running for w in list(Worker._instances))
+
+
+_HEARTBEAT_FILTER = _ClosingHeartbeatFilter()
+
+
 def node_name() -> str:
     """The shared-memory node this process belongs to: ``$SERIF_NODE`` or the host name."""
     return os.environ.get("SERIF_NODE") or socket.gethostname()
@@ -155,6 +173,9 @@ class SerifWorkerPlugin(WorkerPlugin):
 
         self.worker = worker
         keep_key_caches_small(worker)
+        dask_worker_log = logging.getLogger("distributed.worker")
+        if _HEARTBEAT_FILTER not in dask_worker_log.filters:
+            dask_worker_log.addFilter(_HEARTBEAT_FILTER)
         worker.handlers["serif_describe"] = self.describe
         worker.handlers["serif_prepare"] = self.prepare
 

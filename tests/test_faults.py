@@ -521,3 +521,32 @@ def _wait_for_failover(nodes: list[tuple[str, int]], key: str, cap_s: float = 60
             pass
         assert time.monotonic() < deadline, "the cluster never failed over"
         time.sleep(0.2)
+
+
+def test_heartbeat_noise_of_a_closing_worker_is_dropped() -> None:
+    """Dask's traceback for a heartbeat cut by the worker's own close is not shown; the
+    same failure while a worker of the process still runs (a lost scheduler) is."""
+    import logging
+
+    from distributed import Worker
+    from distributed.core import Status
+
+    from serif_dask.worker import _HEARTBEAT_FILTER
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg,
+                                 None, None)
+
+    class Stand:  # what the filter reads of a worker: its status
+        status = Status.closing
+
+    heartbeat = record("Failed to communicate with scheduler during heartbeat.")
+    stand = Stand()
+    Worker._instances.add(stand)  # type: ignore[arg-type]
+    try:
+        assert not _HEARTBEAT_FILTER.filter(heartbeat)
+        assert _HEARTBEAT_FILTER.filter(record("Compute Failed"))
+        stand.status = Status.running
+        assert _HEARTBEAT_FILTER.filter(heartbeat)
+    finally:
+        Worker._instances.discard(stand)  # type: ignore[arg-type]
