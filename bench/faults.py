@@ -212,16 +212,12 @@ def hung_reader(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
 
 
 def hung_model(tmp: Path, duration: float, seed: int) -> dict[str, Any]:
-    from tests.fault_kit import HANG_MODEL_ENV
+    from tests.fault_kit import HANG_MODEL_ENV, hang_linear_model
 
     server = EmbeddedRedis().start()
     try:
         config = digits_on(tmp / "hung-model", server.port, cache_bytes=10**7)
-        docs = load_docs(config)
-        for profile in docs["application"]["applications"][0]["model-profiles"]:
-            if profile["name"] == "digits-linear":
-                profile["impl"] = "tests.fault_kit:HangingDigits"
-        write_config(docs, config)
+        hang_linear_model(config)
         # forward 1 is the warm-up; the fifth wedges (one per tick once served).
         return with_env(HANG_MODEL_ENV, f"{tmp / 'hung-model.marker'}:120:5", lambda: run(
             config, tmp / "hung-model.jsonl", duration, "fastest", seed))

@@ -6,8 +6,10 @@ Importable by dotted path (``tests.fault_kit:KillingReader``), so a config's mod
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,3 +127,14 @@ class HangingDigits(LinearDigits):
 
                 time.sleep(float(seconds))
         return super().forward(batch)
+
+
+def hang_linear_model(config_dir: Path) -> None:
+    """Make a copy of configs/digits serve its linear model as :class:`HangingDigits`
+    (the config's other models unchanged), in place."""
+    path = Path(config_dir) / "application.json"
+    doc = json.loads(path.read_text())
+    for profile in doc["applications"][0]["model-profiles"]:
+        if profile["name"] == "digits-linear":
+            profile["impl"] = "tests.fault_kit:HangingDigits"
+    path.write_text(json.dumps(doc))

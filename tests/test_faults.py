@@ -20,7 +20,14 @@ from serif_dask.policies import _REGISTERED, register_policy
 from serif_dask.redis_server import EmbeddedRedis, start_cluster
 from serif_dask.store import REDIS_ERRORS, WeightStore, connect
 from tests.conftest import BIN, HOSPITAL, ROOT, run_cli
-from tests.fault_kit import HANG_ENV, HANG_MODEL_ENV, KILL_ENV, RoutePolicy, one_slow_app
+from tests.fault_kit import (
+    HANG_ENV,
+    HANG_MODEL_ENV,
+    KILL_ENV,
+    RoutePolicy,
+    hang_linear_model,
+    one_slow_app,
+)
 
 CONFIG_FILES = ("system", "application", "data")
 
@@ -427,9 +434,7 @@ def test_hung_model_fails_score_timeout_and_its_worker_is_restarted(
 
     server = _persistent_redis(tmp_path)
     path = _digits_config(tmp_path / "config", [server.port], colocate=True)
-    doc = json.loads((path / "application.json").read_text())
-    doc["applications"][0]["model-profiles"][0]["impl"] = "tests.fault_kit:HangingDigits"
-    (path / "application.json").write_text(json.dumps(doc))
+    hang_linear_model(path)
     # Forward 1 is the warm-up, 2 is tick 0, 3 hangs.
     monkeypatch.setenv(HANG_MODEL_ENV, f"{tmp_path / 'hung'}:120:3")
     monkeypatch.setattr(serif_dask.tick, "STUCK_S", 3.0)
