@@ -24,7 +24,7 @@ import numpy as np
 from distributed import Client
 from distributed.protocol.pickle import dumps
 
-from serif_dask.accounting import BatchTimes, StageTimes, TickLedger, missed
+from serif_dask.accounting import BatchTimes, StageTimes, TickLedger
 from serif_dask.config import Application, SerifConfig
 from serif_dask.credentials import RedisCredentials
 from serif_dask.errors import RunRefused
@@ -252,10 +252,8 @@ class Driver:
         groups = np.arange(self.config.data.num_groups, dtype=np.int64)
         logger.warning("serif: %d ticks in flight; tick %d of %s skipped",
                        len(self._ticks), tick, app.name)
-        chunk = missed(app, tick, groups, arrival, "failed", "tick-skipped")
-        self.log.add(chunk)
-        if self.options.on_records is not None:
-            self.options.on_records(list(chunk.rows()))
+        ledger = TickLedger(app, tick, arrival, groups, self.log, self.options.on_records)
+        ledger.fail(groups, "tick-skipped")
 
     # -- what it reports -----------------------------------------------------------------
     async def report(self, app: Application, ledger: TickLedger) -> None:

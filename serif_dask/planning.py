@@ -214,14 +214,10 @@ def placements(
         codes.append(np.fromiter((index.setdefault(str(node), len(index)) for node in given),
                                  dtype=np.int64, count=n))
         names.append(np.asarray(list(index), dtype=object))
-    if len(codes) == 1:
-        combos, source = np.unique(codes[0], return_inverse=True)
-        combos = combos[:, None]
-    else:
-        width = [len(x) for x in names]
-        flat = np.ravel_multi_index(codes, width)  # one int per combination of nodes
-        uniq, source = np.unique(flat, return_inverse=True)
-        combos = np.stack(np.unravel_index(uniq, width), axis=1)
+    width = [len(x) for x in names]
+    flat = np.ravel_multi_index(codes, width)  # one int per combination of nodes
+    uniq, source = np.unique(flat, return_inverse=True)
+    combos = np.stack(np.unravel_index(uniq, width), axis=1)
     fetch = np.zeros((combos.shape[0], table.n_models, w))
     if w:
         hosts = np.asarray(workers.host_node).astype(str)
