@@ -172,12 +172,16 @@ async def report_memory(client: Any, run_id: str, every_s: float = SAMPLE_S) -> 
 def _span_sizes(scheduler: Scheduler) -> dict[str, int]:
     ext = scheduler.extensions.get("spans")
     if ext is None:
-        return {"spans": 0, "span_groups": 0, "span_metrics": 0}
+        return {"spans": 0, "span_groups": 0, "span_metrics": 0, "span_collections": 0,
+                "span_code": 0}
     spans = list(ext.spans.values())
     return {
         "spans": len(spans),
         "span_groups": sum(len(s.groups) for s in spans),
         "span_metrics": sum(len(s._cumulative_worker_metrics) for s in spans),
+        "span_collections": sum(len((s.metadata or {}).get("collections", ()))
+                                for s in spans),
+        "span_code": sum(len(s._code) for s in spans),
     }
 
 

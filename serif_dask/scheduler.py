@@ -34,7 +34,7 @@ from serif_dask.planning import (
 from serif_dask.policies import DROP, Plan, PlanProblem, get_policy
 from serif_dask.policies._common import MIN_GAIN
 from serif_dask.roles import worker_role
-from serif_dask.service import keep_key_caches_small
+from serif_dask.service import keep_key_caches_small, keep_span_metadata_small
 from serif_dask.sneakpeek import ForwardBeliefs, GroupBeliefs, make_beliefs, single_look
 from serif_dask.wire import pack, unpack, unpack_nodes
 
@@ -166,6 +166,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             self._track_worker(address)
         self.scheduler.add_plugin(self, name=self.name, idempotent=True)
         keep_key_caches_small(self.scheduler)  # new keys every tick: see its docstring
+        keep_span_metadata_small(self.scheduler)  # a metadata entry per submit: ditto
         try:  # the dashboard page and /metrics are extras: they never break the plugin
             from serif_dask.dashboard import register
 

@@ -117,15 +117,55 @@ def clear_key_caches() -> int:
     return held
 
 
-def keep_key_caches_small(server: Any, name: str = "serif-key-caches") -> None:
-    """Clear the key caches every ``KEY_CACHE_CLEAR_S`` in ``server``'s process (a Dask
-    Scheduler or Worker), from its own periodic callbacks (started and stopped with it)."""
+#: Collection entries each Dask span keeps in its metadata (see :func:`trim_span_metadata`).
+SPAN_COLLECTIONS_KEPT = 100
+
+
+def trim_span_metadata(scheduler: Any, keep: int = SPAN_COLLECTIONS_KEPT) -> int:
+    """Keep the newest ``keep`` entries of each span's collection list; returns how many
+    went.
+
+    Every graph a client sends (each ``client.submit`` is one) appends a
+    ``{"type": "Future"}`` entry to the metadata of the span its tasks join, for the span's
+    lifetime. A batch job has few submissions per span; a run that never ends sends
+    several a tick into one span (kept single by :func:`keep_task_groups`): at eight
+    times the hospital ward's rate that was 5,000 entries a minute, about 1 MB a minute
+    on the scheduler, for ever. The list only describes what was computed; nothing in
+    Dask reads more than its newest entries.
+    """
+    ext = scheduler.extensions.get("spans")
+    if ext is None:
+        return 0
+    dropped = 0
+    for span in list(ext.spans.values()):
+        collections = (span.metadata or {}).get("collections")
+        if collections is not None and len(collections) > keep:
+            dropped += len(collections) - keep
+            del collections[:-keep]
+    return dropped
+
+
+def _every(server: Any, name: str, seconds: float, callback: Any) -> None:
+    """Run ``callback`` every ``seconds`` from ``server``'s own periodic callbacks (started
+    and stopped with the Dask Scheduler or Worker)."""
     from tornado.ioloop import PeriodicCallback
 
     if name in server.periodic_callbacks:
         return
-    pc = PeriodicCallback(clear_key_caches, KEY_CACHE_CLEAR_S * 1000)
+    pc = PeriodicCallback(callback, seconds * 1000)
     server.periodic_callbacks[name] = pc
     if server.status.name == "running":
         pc.start()
+
+
+def keep_key_caches_small(server: Any, name: str = "serif-key-caches") -> None:
+    """Clear the key caches every ``KEY_CACHE_CLEAR_S`` in ``server``'s process (a Dask
+    Scheduler or Worker)."""
+    _every(server, name, KEY_CACHE_CLEAR_S, clear_key_caches)
+
+
+def keep_span_metadata_small(scheduler: Any, name: str = "serif-span-metadata") -> None:
+    """Trim the scheduler's span metadata every ``KEY_CACHE_CLEAR_S`` (a list slice per
+    span: microseconds on the event loop)."""
+    _every(scheduler, name, KEY_CACHE_CLEAR_S, lambda: trim_span_metadata(scheduler))
 

@@ -31,10 +31,12 @@ from serif_dask.records import (
 )
 from serif_dask.service import (
     SETTINGS,
+    SPAN_COLLECTIONS_KEPT,
     TICK_GROUPS,
     clear_key_caches,
     service_config,
     service_settings,
+    trim_span_metadata,
     worker_config,
 )
 from serif_dask.sink import StreamSink
@@ -181,6 +183,25 @@ def test_clear_key_caches_empties_dasks_key_split_cache() -> None:
     assert key_split.cache_info().currsize == 0
 
 
+def test_span_metadata_is_trimmed_to_the_newest_entries() -> None:
+    with (dask.config.set({"distributed.scheduler.work-stealing": False}),
+          Client(n_workers=1, threads_per_worker=1, processes=True,
+                 dashboard_address=":0") as client):
+        futures = [client.submit(int, i, key=f"span-trim-{i}") for i in range(150)]
+        client.gather(futures)
+
+        def trim(dask_scheduler) -> tuple[int, int, int]:
+            from serif_dask.memory import scheduler_sizes
+
+            before = scheduler_sizes(dask_scheduler)["span_collections"]
+            dropped = trim_span_metadata(dask_scheduler, keep=20)
+            return before, dropped, scheduler_sizes(dask_scheduler)["span_collections"]
+
+        before, dropped, after = client.run_on_scheduler(trim)
+    assert before >= 150  # one entry per submit, kept by Dask for the span's lifetime
+    assert after == 20 and dropped == before - 20
+
+
 def test_short_soak_keeps_state_bounded(config_dir, tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from dask.utils import key_split
@@ -214,6 +235,9 @@ def test_short_soak_keeps_state_bounded(config_dir, tmp_path: Path,
                                     .values()])
         clearing = client.run(lambda dask_worker: dask_worker.periodic_callbacks[
             "serif-key-caches"].is_running())
+        trimming = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler
+                                           .periodic_callbacks["serif-span-metadata"]
+                                           .is_running())
         cached = key_split.cache_info().currsize
     summary = result["s"]
     assert summary["requests"] == summary["completed"] + summary["dropped"] + summary["failed"]
@@ -224,6 +248,11 @@ def test_short_soak_keeps_state_bounded(config_dir, tmp_path: Path,
     assert s1["spans"] == s0["spans"] <= 3, (s0, s1)
     assert s1["span_groups"] == s0["span_groups"] <= len(TICK_GROUPS) + 2, (s0, s1)
     assert s1["computation_groups"] <= s0["computation_groups"] + 2, (s0, s1)
+    # Each submit's span metadata entry is trimmed every 5 s here (untrimmed: about 7 a
+    # tick, 1,263 in 180 ticks; trimmed: 275).
+    assert trimming
+    assert s1["span_collections"] <= s1["spans"] * (SPAN_COLLECTIONS_KEPT + 300), s1
+    assert s1["span_code"] <= s0["span_code"] + 2, (s0, s1)
     # Dask's logs sit at their caps.
     assert s1["transition_log"] == CAP and s1["events_max_topic"] <= CAP, s1
     assert stream[1] == SETTINGS[
