@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -291,11 +292,14 @@ def _batch_seconds(n: int, infer: float, curve: tuple[float, float, int] | None)
 def simulate(config: SerifConfig, load: SimulatedLoad, policy: str, *,
              curves: Mapping[str, tuple[float, float, int]] | None = None,
              costs: Mapping[str, float] | None = None,
-             trace: list[dict[str, Any]] | None = None) -> Prediction:
+             trace: list[dict[str, Any]] | None = None,
+             plan_times: list[tuple[int, float]] | None = None) -> Prediction:
     """Replay ``load`` on ``config``'s compute nodes with ``policy``; see the module doc.
 
     ``trace`` (a list) receives one dict per batch and per set of answered requests, to
-    compare a replay with a run's records.
+    compare a replay with a run's records; ``plan_times`` one ``(requests, seconds)`` per
+    plan round, the time to build the joint problem and run the policy on it (the work of
+    the plugin's plan thread), to measure planning cost without a cluster.
     """
     table = ModelTable.from_config(config)
     policy_fn = get_policy(policy)
@@ -341,6 +345,7 @@ def simulate(config: SerifConfig, load: SimulatedLoad, policy: str, *,
         view = WorkerView(addresses=names, node_index=node_index, host_node=names,
                           backlog=backlog, warm=warm.copy())
         problems, seeds = [], [load.seed]
+        started = time.perf_counter()
         for a, tick, due in members:
             app, app_table = config.apps[a], table.apps[a]
             mods = {p.modality for p in app.model_profiles}
@@ -353,6 +358,8 @@ def simulate(config: SerifConfig, load: SimulatedLoad, policy: str, *,
         problem = join(problems, np.random.default_rng(seeds))
         plan = policy_fn(problem)
         model = np.asarray(plan.model)
+        if plan_times is not None:
+            plan_times.append((problem.n_requests, time.perf_counter() - started))
         queued = []  # (part, batch), in the order the plugin books (and the driver submits)
         offset = 0
         for j, ((a, tick, arrival), sub) in enumerate(zip(members, problems, strict=True)):

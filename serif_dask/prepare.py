@@ -19,7 +19,7 @@ from distributed import Client, Future
 from serif_dask.config import SerifConfig
 from serif_dask.membership import membership
 from serif_dask.tasks import fit_task, warm_data_task, warm_models_task
-from serif_dask.waiting import live_workers, settled
+from serif_dask.waiting import gathered, live_workers, settled
 
 logger = logging.getLogger("serif_dask.prepare")
 
@@ -74,7 +74,7 @@ class Estimators:
         """Keep the value of every finished fit; returns them by application."""
         for name, fut in self.futures.items():
             if fut.status == "finished" and name not in self.values:
-                self.values[name] = await fut
+                self.values[name] = (await gathered(self.client, [fut]))[0]
         return dict(self.values)
 
     def fitted(self, app: str) -> Future | None:
@@ -149,7 +149,8 @@ async def warm_up(client: Client, config: SerifConfig, run_id: str, estimators: 
     await await_steps(steps, stop)
     for address, fut in models.items():
         if fut.status == "finished":
-            await client.scheduler.serif_warm(worker=address, node=None, warm=await fut, cold=[])
+            warm = (await gathered(client, [fut]))[0]
+            await client.scheduler.serif_warm(worker=address, node=None, warm=warm, cold=[])
     for fut in steps.values():
         fut.release()
 

@@ -14,13 +14,14 @@ worker, with the sample carried inline, and returns the record, built by the sam
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from distributed import worker_client
+from distributed import wait, worker_client
 from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.accounting import answered, missed, scored
@@ -170,12 +171,15 @@ def submit_task(
 def _wait(client: Any, future: Any, worker: str, deadline: float) -> tuple[Any, str]:
     """The score result, or (None, reason) when it erred, its worker left or time ran out."""
     while True:
-        try:
-            return future.result(timeout=POLL_S), ""
-        except TimeoutError:
-            pass
-        except (Exception, asyncio.CancelledError) as exc:
-            return None, f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
+        # Wait for the task's state, never with a timed-out gather: a gather given up
+        # cancels the client's shared gather for every caller (see waiting.gathered).
+        with contextlib.suppress(TimeoutError):
+            wait(future, timeout=POLL_S)
+        if future.done():
+            try:
+                return future.result(), ""
+            except (Exception, asyncio.CancelledError) as exc:
+                return None, f"model-error: {type(exc).__name__}: {exc}".splitlines()[0][:200]
         if worker not in client.nthreads():
             reason = "worker-lost"
         elif time.time() > deadline:

@@ -26,7 +26,7 @@ from serif_dask.accounting import TickLedger, answered
 from serif_dask.config import Application
 from serif_dask.rounds import PIPELINE_S, PlanRound
 from serif_dask.tasks import export_task, peek_task, read_task, score_task
-from serif_dask.waiting import live_workers, outcome, settled, wait_or_change
+from serif_dask.waiting import gathered, live_workers, outcome, settled, wait_or_change
 from serif_dask.wire import pack, pack_nodes, unpack
 
 if TYPE_CHECKING:
@@ -301,7 +301,7 @@ class Tick:
             return []
         try:  # a finished peek's data may be lost right now, with its worker
             return await asyncio.wait_for(
-                self.client.gather(done, errors="skip", asynchronous=True),
+                gathered(self.client, done, errors="skip"),
                 timeout=max(0.1, deadline - time.monotonic()),
             )
         except TimeoutError:

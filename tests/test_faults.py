@@ -555,3 +555,56 @@ def test_heartbeat_noise_of_a_closing_worker_is_dropped() -> None:
         assert _HEARTBEAT_FILTER.filter(heartbeat)
     finally:
         Worker._instances.discard(stand)  # type: ignore[arg-type]
+
+
+def test_a_cancelled_gather_leaves_every_other_gather_working() -> None:
+    """A tick that times out mid-gather must not cancel other ticks' gathers, now or later.
+
+    Dask's client shares one pending gather request among concurrent callers. With its
+    five gather slots busy (held here as five slow gathers would hold them), a new request
+    waits; cancelling the caller that made it cancels it for every caller, and the client
+    keeps the cancelled request for all later ones. ``gathered`` shields it. (The first
+    half checks Dask's behaviour in the pinned range; drop it once a release fixes it.)
+    """
+    import asyncio
+
+    from distributed import LocalCluster, wait
+
+    from serif_dask.waiting import gathered, outcome
+
+    async def scenario(shielded: bool) -> tuple[list, list]:
+        async with (LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                 asynchronous=True, dashboard_address=":0") as cluster,
+                    Client(cluster, asynchronous=True) as client):
+            futures = [client.submit(int, i, pure=False) for i in range(4)]
+            await wait(futures)
+
+            async def gather_one(i: int) -> list:
+                if shielded:
+                    return await gathered(client, [futures[i]])
+                return await client.gather([futures[i]], asynchronous=True)
+
+            slots = client._gather_semaphore
+            for _ in range(5):
+                await slots.acquire()
+            first = asyncio.ensure_future(gather_one(0))
+            await asyncio.sleep(0.05)
+            second = asyncio.ensure_future(gather_one(1))
+            await asyncio.sleep(0.05)
+            first.cancel()  # its tick timed out
+            await asyncio.sleep(0.05)
+            for _ in range(5):
+                slots.release()
+            now = await asyncio.gather(first, second, return_exceptions=True)
+            later = [await asyncio.wait_for(
+                asyncio.gather(gather_one(2), return_exceptions=True), 10)]
+            if shielded:
+                later.append(await asyncio.wait_for(outcome(futures[3]), 10))
+            return now, later
+
+    now, later = asyncio.run(scenario(shielded=False))  # Dask's own behaviour
+    assert isinstance(now[1], asyncio.CancelledError), now
+    assert isinstance(later[0][0], asyncio.CancelledError), later  # and for good
+    now, later = asyncio.run(scenario(shielded=True))
+    assert isinstance(now[0], asyncio.CancelledError) and now[1] == [1], now
+    assert later == [[[2]], (3, None)], later
