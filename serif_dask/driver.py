@@ -128,6 +128,7 @@ class Driver:
         self.versions: list[AppliedVersion] = []
         self.newest_version = 1
         self._preparing: asyncio.Task | None = None
+        self._prepared_for = 1  # the version last prepared (applied or not)
 
     def join(self, run_id: str) -> None:
         """Serve another driver's live run (ad-hoc requests only): its id, our estimators."""
@@ -312,7 +313,11 @@ class Driver:
             return
         self.newest_version = int(newest)
         if self._preparing is None:
-            self._preparing = asyncio.ensure_future(self._prepare(self.newest_version))
+            self._start_preparing()
+
+    def _start_preparing(self) -> None:
+        self._prepared_for = self.newest_version
+        self._preparing = asyncio.ensure_future(self._prepare(self.newest_version))
 
     async def _prepare(self, version: int) -> _Prepared | None:
         """Fetch ``version`` and make it ready: every data worker opens its readers under
@@ -375,8 +380,8 @@ class Driver:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.scheduler.serif_applied(
                     run_id=self.run_id, version=prepared.version), timeout=10)
-        if self.newest_version > self.version:  # another came meanwhile
-            self._preparing = asyncio.ensure_future(self._prepare(self.newest_version))
+        if self.newest_version > self._prepared_for:  # another came meanwhile
+            self._start_preparing()
 
     def _skip(self, app: Application, tick: int, arrival: float) -> None:
         """Too many ticks in flight: this one is not started, its requests fail."""

@@ -473,7 +473,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             ModelTable.from_config(new_config)
         made = ConfigVersion(
             version=newest.version, config=new_config, config_bytes=config_bytes,
-            table=table, policy_name=proposal.policy, policy=proposal.policy_obj,
+            table=table, policy_name=proposal.policy,
+            policy=newest.policy if proposal.policy == newest.policy_name
+            else proposal.policy_obj,
             data_aware=proposal.data_aware, changed_at=time.time(),
             changes=tuple(str(c) for c in proposal.changes),
         )
