@@ -310,3 +310,22 @@ def test_diff_refuses_what_a_live_run_cannot_take(tmp_path: Path, file: str, edi
         pytest.fail(f"the edited config does not load: {exc}")
     with pytest.raises(ReconfigureRefused, match=words):
         diff(live, new, live_policy="fastest", live_data_aware=True)
+
+
+def test_beliefs_follow_num_groups() -> None:
+    """Groups that stay keep their belief, new ones start at the prior, and fewer groups
+    reset the rest without shrinking (a tick of the older version may still plan them)."""
+    import numpy as np
+
+    from serif_dask.sneakpeek import ForwardBeliefs, GroupBeliefs
+
+    for beliefs in (ForwardBeliefs([0.9, 0.1], 4), GroupBeliefs([0.9, 0.1], 4)):
+        beliefs.observe(np.arange(4), np.tile([0.01, 0.99], (4, 1)))
+        seen = beliefs.pi(np.arange(4))
+        beliefs.resize(6)
+        np.testing.assert_allclose(beliefs.pi(np.arange(4)), seen)
+        np.testing.assert_allclose(beliefs.pi(np.arange(4, 6)), [[0.9, 0.1]] * 2)
+        beliefs.resize(2)
+        assert beliefs.n_groups == 6
+        np.testing.assert_allclose(beliefs.pi(np.arange(2)), seen[:2])
+        np.testing.assert_allclose(beliefs.pi(np.arange(2, 6)), [[0.9, 0.1]] * 4)
