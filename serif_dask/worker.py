@@ -304,10 +304,11 @@ class SerifWorkerPlugin(WorkerPlugin):
     def _install_version(self, version: int, config: SerifConfig) -> SerifConfig:
         """Another config version of the current run (live reconfiguration).
 
-        Models whose profile changed (or that the version removed) are dropped from the
-        cache and reported cold; readers are reopened on first use under a changed config
-        (:func:`serif_dask.tasks._reader`). Nothing else of the run is reset: inputs in
-        shared memory and in-flight tasks of the older version carry on.
+        Models loaded from something else under it (weights, Redis key, class), or that it
+        removed, are dropped from the cache and reported cold; readers are reopened on
+        first use under a changed config (:func:`serif_dask.tasks._reader`). Nothing else
+        of the run is reset: inputs in shared memory and in-flight tasks of the older
+        version carry on.
         """
         self.configs[version] = config
         while len(self.configs) > CONFIGS_KEPT:
@@ -352,12 +353,14 @@ CONFIGS_KEPT = 4
 
 
 def _profile(config: SerifConfig, cache_name: str) -> Any:
-    """The model profile behind a model cache name (``app/model``), or None."""
+    """What a cached model (``app/model``) was loaded from under ``config`` (None: the
+    config has no such model): a change of it makes the cached one stale."""
     app, _, model = cache_name.partition("/")
     try:
-        return config.model(app, model)
+        profile = config.model(app, model)
     except KeyError:
         return None
+    return (profile.use_profile, profile.weights, profile.redis_key, profile.impl)
 
 
 def current_plugin() -> SerifWorkerPlugin:
