@@ -201,6 +201,51 @@ def test_cli_reconfigures_a_live_run(tmp_path: Path) -> None:
     assert {r["version"] for r in records if r["group"] >= 40} == {3}
 
 
+def test_reconfigure_pushes_a_new_real_models_weights(tmp_path: Path) -> None:
+    """digits starts without its CNN (so its Redis lacks the CNN's weights); adding the
+    CNN back live pushes them, and the CNN serves requests under version 2 only."""
+    config = tmp_path / "digits"
+    shutil.copytree(ROOT / "configs" / "digits", config)
+    app_file = config / "application.json"
+    full = app_file.read_text()
+    doc = json.loads(full)
+    doc["applications"][0]["model-profiles"] = [
+        m for m in doc["applications"][0]["model-profiles"] if m["name"] != "digits-cnn"]
+    app_file.write_text(json.dumps(doc))
+    out, rec, sched = tmp_path / "s.json", tmp_path / "r.jsonl", tmp_path / "scheduler.json"
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(
+        serif_cmd("run", str(config), "--duration", "0", "--policy", "most-accurate",
+                  "--scheduler-file", str(sched), "--json", str(out), "--records", str(rec),
+                  "--quiet"),
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        wait_for("the first records", lambda: versions_in(rec), proc)
+        app_file.write_text(full)  # the CNN is back
+        two = run_cli("reconfigure", "--scheduler-file", str(sched), str(config))
+        assert two.returncode == 0, two.stderr
+        assert "config version 2 applied" in two.stdout, two.stdout
+        assert "applications[digits].model-profiles[digits-cnn]: added" in two.stdout
+        wait_for("the CNN serving", lambda: sum(
+            1 for line in rec.read_text().splitlines()
+            if '"digits-cnn"' in line and '"completed"' in line) >= 32, proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert proc.returncode == 130, (tmp_path / "run.log").read_text()[-3000:]
+    summary = json.loads(out.read_text())
+    records = read_records(rec)
+    check_summary(summary, records)
+    check_versions(records, summary, {1: 32, 2: 32})
+    assert {r["version"] for r in records if r["model"] == "digits-cnn"} == {2}
+    assert "weights-unavailable" not in summary["failures_by_reason"], summary
+
+
 def test_api_reconfigures_and_state_shows_version(tmp_path: Path) -> None:
     """``Serif.reconfigure`` in the run's own process: a frozen result, ``serif_state``
     and the dashboard's header show the version; a refused change leaves it."""
