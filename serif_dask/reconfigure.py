@@ -49,6 +49,15 @@ LIVE_APP = {
 }
 #: SneakPeek settings that change live; the rest shaped the fitted estimator or beliefs.
 LIVE_SNEAKPEEK = {"answer"}
+#: Modality fields fixed for a live run: what its samples are (the fitted estimators and
+#: the shared-memory input caches, sized at the start, depend on them).
+FIXED_MODALITY = {
+    "use_synthetic_data": "use-synthetic-data",
+    "synthetic_shape": "synthetic-shape",
+    "dtype": "dtype",
+    "impl": "impl",
+    "cache_entry_size": "cache-entry-size",
+}
 
 
 @dataclass(frozen=True)
@@ -172,8 +181,12 @@ def _data_changes(live: SerifConfig, new: SerifConfig) -> list[Change]:
             path = f"data-modalities[{name}]"
             if before is None or after is None:
                 changes.append(Change(path, before and name, after and name))
-            else:
-                changes.append(Change(path, "...", "changed"))
+                continue
+            for attr, key in FIXED_MODALITY.items():
+                if getattr(before, attr) != getattr(after, attr):
+                    raise _refuse(f"data.json: {path}.{key} cannot change in a live run "
+                                  "(what its samples are); start a new run")
+            changes.append(Change(path, "...", "changed"))
     return changes
 
 
