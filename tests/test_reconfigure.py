@@ -343,6 +343,8 @@ def test_diff_takes_a_changed_scheduler_type(tmp_path: Path) -> None:
 @pytest.mark.parametrize("file, edit, words", [
     ("system", lambda d: d.update(seed=8), "seed"),
     ("data", lambda d: d["servers"].pop(), "servers"),
+    ("data", lambda d: d["data-modalities"][1].update({"synthetic-shape": [2000]}),
+     "synthetic-shape"),
     ("application", lambda d: d["applications"][0].update(prior=[0.5, 0.5]), "prior"),
     ("application", lambda d: d["applications"][0].update(
         sneakpeek={"strength": 0.5}), "sneakpeek.strength"),
