@@ -227,9 +227,10 @@ def test_reconfigure_pushes_a_new_real_models_weights(tmp_path: Path) -> None:
         assert two.returncode == 0, two.stderr
         assert "config version 2 applied" in two.stdout, two.stdout
         assert "applications[digits].model-profiles[digits-cnn]: added" in two.stdout
-        wait_for("the CNN serving", lambda: sum(
-            1 for line in rec.read_text().splitlines()
-            if '"digits-cnn"' in line and '"completed"' in line) >= 32, proc)
+        # most-accurate gives the CNN what fits beside the MLP: a few requests a tick
+        wait_for("the CNN serving", lambda: any(
+            '"digits-cnn"' in line and '"completed"' in line
+            for line in rec.read_text().splitlines()), proc)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     finally:
