@@ -476,6 +476,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("failures_by_reason"):
         reasons = ", ".join(f"{k} {v}" for k, v in summary["failures_by_reason"].items())
         lines.append(f"  not completed: {reasons}")
+    if len(summary.get("per_version", {})) > 1:  # reconfigured live
+        parts = ", ".join(f"v{v} {s['requests']} requests, mean utility {s['mean_utility']:.3f}"
+                          for v, s in summary["per_version"].items())
+        lines.append(f"  config versions: {parts}")
     return "\n".join(lines)
 
 

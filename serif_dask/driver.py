@@ -375,7 +375,7 @@ class Driver:
             applied = AppliedVersion(prepared.version, time.time(), prepared.policy,
                                      prepared.data_aware, prepared.changes)
             self.versions.append(applied)
-            logger.warning("serif: run %s now at config version %d (%s)", self.run_id,
+            logger.info("serif: run %s now at config version %d (%s)", self.run_id,
                            applied.version, "; ".join(applied.changes) or "no change")
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.client.scheduler.serif_applied(

@@ -108,7 +108,7 @@ def _show(value: Any) -> str:
 
 
 def _refuse(what: str) -> ReconfigureRefused:
-    return ReconfigureRefused(f"cannot reconfigure the live run: {what}; it goes on unchanged")
+    return ReconfigureRefused(f"reconfigure refused, the run goes on unchanged: {what}")
 
 
 def diff(
