@@ -300,6 +300,8 @@ def test_api_reconfigures_and_state_shows_version(tmp_path: Path) -> None:
             assert [v["version"] for v in state["versions"]] == [1, 2]
             assert state["policy"] == "sneakpeek" and state["data_aware"] is False
             assert "config version 2 (since " in SerifPage._header(plugin, [])
+            events = [msg for _, msg in client.get_events("serif-config")]
+            assert [(e["action"], e["version"]) for e in events] == [("new", 2), ("applied", 2)]
             wait_for("falldetection under version 2", lambda: sum(
                 r["app"] == "falldetection" and r["version"] == 2 for r in list(records))
                 >= 3 * 40)
