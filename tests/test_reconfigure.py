@@ -160,6 +160,12 @@ def test_cli_reconfigures_a_live_run(tmp_path: Path) -> None:
                         str(edited(tmp_path, "real-model", application=real_model))),
                 "x3d_real", "no Redis")
 
+        address = json.loads(sched.read_text())["address"]
+        with Client(address, timeout="20s") as client:  # nothing changed on the scheduler
+            state = client.sync(client.scheduler.serif_state)
+        assert state["version"] == state["applied_version"] == 1, state["versions"]
+        assert state["policy"] == "fastest" and state["data_aware"] is True
+
         # Accepted: version 2 (policy), then version 3 (config).
         two = run_cli("reconfigure", *at, "--policy", "random")
         assert two.returncode == 0, two.stderr
