@@ -1,7 +1,7 @@
 """Live reconfiguration: what a new config changes in a running run, and what it may not.
 
-``serif-dask reconfigure`` and :meth:`serif_dask.Serif.reconfigure` send a new config (and
-or a policy, data-awareness) to the scheduler plugin's ``serif_reconfigure`` handler, which
+``serif-dask reconfigure`` and :meth:`serif_dask.Serif.reconfigure` send a new config, a
+policy or data-awareness to the scheduler plugin's ``serif_reconfigure`` handler, which
 makes it the run's next config *version*; the driver applies it at its next tick
 boundary, and every record carries the version it was served under. What a live run
 cannot take (its layout of compute nodes and data servers, its applications, what its
