@@ -31,6 +31,7 @@ def _utility(app: Application, latency: np.ndarray, labels: np.ndarray,
 def missed(
     app: Application, tick: int, groups: np.ndarray, arrival: float, outcome: str,
     reason: str, model: str = "", worker: str = "", labels: np.ndarray | None = None,
+    version: int = 1,
 ) -> Chunk:
     """Dropped or failed requests: ``miss-utility`` each; ``labels`` kept when known, so
     that what a miss cost shows."""
@@ -40,13 +41,13 @@ def missed(
         group=groups, arrival=np.full(n, arrival), finish=np.full(n, np.nan),
         prediction=np.full(n, -1), label=np.full(n, -1) if labels is None else labels,
         utility=np.full(n, float(app.miss_utility)), deadline_met=np.zeros(n, bool),
-        reason=[reason] * n,
+        reason=[reason] * n, version=version,
     )
 
 
 def answered(
     app: Application, tick: int, arrival: float, finish: float, groups: np.ndarray,
-    labels: np.ndarray, prediction: np.ndarray,
+    labels: np.ndarray, prediction: np.ndarray, version: int = 1,
 ) -> Chunk:
     """Requests answered from their SneakPeek estimate when the plan was made."""
     n = groups.size
@@ -55,12 +56,12 @@ def answered(
         app=app.name, tick=tick, model=PEEK_MODEL, worker="", outcome="completed",
         group=groups, arrival=np.full(n, arrival), finish=np.full(n, finish),
         prediction=prediction, label=labels, utility=_utility(app, latency, labels, prediction),
-        deadline_met=latency <= app.sla_latency, reason=[""] * n,
+        deadline_met=latency <= app.sla_latency, reason=[""] * n, version=version,
     )
 
 
 def scored(
-    app: Application, tick: int, arrival: float, result: dict[str, Any]
+    app: Application, tick: int, arrival: float, result: dict[str, Any], version: int = 1,
 ) -> tuple[Chunk | None, dict[int, str]]:
     """A score task's result: the completed requests (None when none) and, per failed
     group, its reason."""
@@ -77,16 +78,23 @@ def scored(
         finish=finish, prediction=pred, label=labels,
         utility=_utility(app, latency, labels, pred),
         deadline_met=latency <= app.sla_latency, reason=[""] * groups.size,
+        version=version,
     )
     return chunk, errors
 
 
 class TickLedger:
-    """One tick's books: each group is recorded once; :meth:`close` fails what is left."""
+    """One tick's books: each group is recorded once; :meth:`close` fails what is left.
+
+    ``version`` is the run's config version the tick started under: every record of the
+    tick carries it, even when the run moves to a newer one before the tick ends.
+    """
 
     def __init__(self, app: Application, tick: int, arrival: float, groups: np.ndarray,
-                 log: RecordLog, on_records: Callable[[list[dict[str, Any]]], None] | None):
+                 log: RecordLog, on_records: Callable[[list[dict[str, Any]]], None] | None,
+                 version: int = 1):
         self.app, self.tick, self.arrival = app, tick, arrival
+        self.version = version
         self.groups = groups
         self.pending = np.ones(groups.size, dtype=bool)
         self.recorded: list[Chunk] = []
@@ -115,15 +123,15 @@ class TickLedger:
         if which.size:
             labels = None if self.labels is None else self.labels[which]
             self.record(missed(self.app, self.tick, which, self.arrival, "failed", reason,
-                               model, worker, labels))
+                               model, worker, labels, version=self.version))
 
     def drop(self, which: np.ndarray, reason: str) -> None:
         labels = None if self.labels is None else self.labels[which]
         self.record(missed(self.app, self.tick, which, self.arrival, "dropped", reason,
-                           labels=labels))
+                           labels=labels, version=self.version))
 
     def scored(self, result: dict[str, Any]) -> None:
-        chunk, errors = scored(self.app, self.tick, self.arrival, result)
+        chunk, errors = scored(self.app, self.tick, self.arrival, result, self.version)
         for group, reason in errors.items():
             self.fail(np.asarray([group]), reason, result["model"], result["worker"])
         if chunk is not None:

@@ -26,11 +26,13 @@ from serif_dask.config import ResultsStream, SerifConfig, load_config
 from serif_dask.driver import Driver, RunOptions
 from serif_dask.memory import report_memory
 from serif_dask.prepare import data_workers
+from serif_dask.reconfigure import Reconfigured, reconfigure_async
 from serif_dask.records import Rotation
 from serif_dask.scheduler import install as install_scheduler_plugin
 from serif_dask.service import keep_task_groups
 from serif_dask.submit import check_request, submit_task
 from serif_dask.worker import SerifWorkerPlugin
+from serif_dask.waiting import settled
 
 logger = logging.getLogger("serif_dask")
 
@@ -250,7 +252,7 @@ class Serif:
     async def _fit_estimators(self, driver: Driver) -> None:
         """Fit SneakPeek for a run configured by someone else (its own fits are theirs)."""
         fits = driver.estimators.fit(await data_workers(self.client))
-        await asyncio.gather(*fits.values(), return_exceptions=True)
+        await asyncio.gather(*(settled(f) for f in fits.values()), return_exceptions=True)
 
     def open(self) -> str:
         """Blocking form of :meth:`open_async`."""
@@ -286,6 +288,52 @@ class Serif:
     def stop(self) -> None:
         if self.driver is not None:
             self.driver.stop()
+
+    # -- live reconfiguration ----------------------------------------------------------------
+    async def reconfigure_async(
+        self,
+        config: SerifConfig | str | Path | Sequence[str | Path] | None = None,
+        *,
+        policy: str | None = None,
+        data_aware: bool | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+    ) -> Reconfigured:
+        """Change the live run the scheduler serves (this object's, or another process's)
+        without stopping it: the whole new ``config`` and/or ``policy``/``data_aware``.
+
+        It becomes the run's next config version, applied from the driver's next tick;
+        every record carries the version it was served under. New real models' weights
+        are pushed into the run's Redis first. A change that cannot apply raises
+        :class:`serif_dask.errors.ReconfigureRefused` and the run goes on unchanged; with
+        ``wait`` this returns once the driver applied it (else
+        :class:`serif_dask.errors.RunFailed` after ``timeout`` seconds).
+        """
+        result = await reconfigure_async(self.client, config, policy=policy,
+                                         data_aware=data_aware, wait=wait, timeout=timeout)
+        if result.changes:  # later ad-hoc requests are checked against the new config
+            current = await self.client.scheduler.serif_get_config(version=result.version)
+            if current.get("config") is not None:
+                # The system config cannot change live (and the plugin's has no secrets).
+                live = loads(current["config"])
+                self.config = self.config.model_copy(update={"apps": live.apps,
+                                                             "data": live.data})
+                self.policy = current["policy"]
+                self.data_aware = bool(current["data_aware"])
+        return result
+
+    def reconfigure(
+        self,
+        config: SerifConfig | str | Path | Sequence[str | Path] | None = None,
+        *,
+        policy: str | None = None,
+        data_aware: bool | None = None,
+        wait: bool = True,
+        timeout: float = 60.0,
+    ) -> Reconfigured:
+        """Blocking form of :meth:`reconfigure_async`."""
+        return self.client.sync(self.reconfigure_async, config, policy=policy,
+                                data_aware=data_aware, wait=wait, timeout=timeout)
 
     def report(self) -> dict[str, Any]:
         """The summary of the last run (or of what has been recorded so far)."""

@@ -8,6 +8,7 @@ stopped by SIGINT/SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 import click
 
 from serif_dask.config import ConfigError, SerifConfig, load_config
-from serif_dask.errors import RunFailed, RunRefused
+from serif_dask.errors import ReconfigureRefused, RunFailed, RunRefused
 
 logger = logging.getLogger("serif_dask")
 
@@ -36,7 +37,7 @@ class _SerifGroup(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (ConfigError, RunRefused) as exc:
+        except (ConfigError, RunRefused, ReconfigureRefused) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(EXIT_CONFIG)
         except RunFailed as exc:
@@ -109,6 +110,10 @@ def _security(ca_file: str | None, cert: str | None, key: str | None) -> Any:
               help="Run every model in profile mode and every modality on synthetic data.")
 @click.option("--scheduler-address", default=None,
               help="Use this running Dask scheduler instead of starting a local cluster.")
+@click.option("--scheduler-file", type=click.Path(dir_okay=False), default=None,
+              help="Use the scheduler this Dask scheduler file names; when there is no such "
+              "file, write the local cluster's address there (for `serif-dask reconfigure "
+              "--scheduler-file`; removed at the end).")
 @click.option("--dashboard-address", default=None,
               help="Dashboard address of the local cluster (default: a free port).")
 @click.option("--replace", is_flag=True,
@@ -128,7 +133,8 @@ def run(
     data_aware: bool | None, seed: int | None, json_path: str | None, records: str | None,
     records_max_bytes: str | None, records_rotate_every: str | None, records_keep: int,
     results_stream: str | None,
-    simulate: bool, scheduler_address: str | None, dashboard_address: str | None,
+    simulate: bool, scheduler_address: str | None, scheduler_file: str | None,
+    dashboard_address: str | None,
     replace: bool, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
     cold_start: bool, quiet: bool,
 ) -> None:
@@ -138,6 +144,8 @@ def run(
     """
     cfg = _load(config, simulate)
     security = _security(tls_ca_file, tls_cert, tls_key)
+    if scheduler_address and scheduler_file:
+        raise click.UsageError("give --scheduler-address or --scheduler-file, not both")
     if policy is not None:
         from serif_dask.policies import get_policy
 
@@ -164,6 +172,7 @@ def run(
             replace=replace,
             warm_models=not cold_start,
             security=security,
+            scheduler_file=Path(scheduler_file) if scheduler_file else None,
         )
     )
     if summary is not None:
@@ -201,6 +210,95 @@ def _rotation(
     except ValueError as exc:
         hint = "--records-max-bytes" if "bytes" in str(exc) else "--records-rotate-every"
         raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+@cli.command()
+@click.argument("config", nargs=-1, type=click.Path())
+@click.option("--scheduler-address", default=None, help="The live run's Dask scheduler.")
+@click.option("--scheduler-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A Dask scheduler file naming it (as `serif-dask run --scheduler-file` "
+              "or `dask scheduler --scheduler-file` writes).")
+@click.option("--policy", default=None, help="The new scheduling policy.")
+@click.option("--data-aware/--no-data-aware", default=None,
+              help="Let policies see SneakPeek estimates, or not.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Wait until the run's driver applied the new version.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0,
+              show_default=True, help="Seconds --wait waits.")
+@click.option("--simulate", is_flag=True,
+              help="Load CONFIG as `run --simulate` does (every model in profile mode).")
+@click.option("--tls-ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="CA certificate of the Dask cluster's TLS.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="This client's TLS certificate.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Private key of --tls-cert, if not in the same file.")
+def reconfigure(
+    config: tuple[str, ...], scheduler_address: str | None, scheduler_file: str | None,
+    policy: str | None, data_aware: bool | None, wait: bool, timeout: float, simulate: bool,
+    tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
+) -> None:
+    """Change the live run without stopping it: its policy, data-awareness, or CONFIG
+    (SLAs, sample-durations, model profiles, num-groups).
+
+    It applies from the run's next tick as a new config version, which every record
+    carries. A change that cannot apply is refused in one line (exit 2) and the run goes
+    on unchanged.
+    """
+    if (scheduler_address is None) == (scheduler_file is None):
+        raise click.UsageError("give the live run's --scheduler-address or --scheduler-file")
+    if not config and policy is None and data_aware is None:
+        raise click.UsageError("nothing to change: give CONFIG, --policy or --data-aware")
+    if scheduler_file is not None:
+        from serif_dask.runner import read_scheduler_file
+
+        scheduler_address = read_scheduler_file(Path(scheduler_file))
+    assert scheduler_address is not None
+    security = _security(tls_ca_file, tls_cert, tls_key)
+    result = asyncio.run(_reconfigure(
+        scheduler_address, security, config or None, policy, data_aware, wait, timeout,
+        simulate))
+    if not result.changes:
+        click.echo(f"no change: the run stays at config version {result.version}")
+        return
+    if result.applied:
+        import time
+
+        at = time.strftime("%H:%M:%S", time.localtime(result.applied_at)) \
+            if result.applied_at else "now"
+        state = f"applied at {at}"
+    else:
+        state = "accepted; the driver applies it at its next tick"
+    click.echo(f"config version {result.version} {state}: {'; '.join(result.changes)}")
+
+
+async def _reconfigure(address: str, security: Any, config: tuple[str, ...] | None,
+                       policy: str | None, data_aware: bool | None, wait: bool,
+                       timeout: float, simulate: bool) -> Any:
+    from distributed import Client
+
+    from serif_dask.cluster import uses_tls
+    from serif_dask.reconfigure import reconfigure_async
+
+    if address.startswith("tls://") and not uses_tls(security):
+        raise RunFailed(f"cannot reach scheduler {address}: it speaks TLS; pass "
+                        "--tls-ca-file and --tls-cert")
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    pending = Client(address, asynchronous=True, timeout="20s", security=security)
+    try:
+        client = await pending
+    except (OSError, TimeoutError) as exc:
+        with contextlib.suppress(Exception):
+            await pending.close()
+        raise RunFailed(f"cannot reach scheduler {address}: {exc or type(exc).__name__}"
+                        ) from None
+    try:
+        return await reconfigure_async(client, list(config) if config else None,
+                                       policy=policy, data_aware=data_aware, wait=wait,
+                                       timeout=timeout, simulate=simulate)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), timeout=10)
 
 
 @cli.group()
@@ -378,6 +476,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("failures_by_reason"):
         reasons = ", ".join(f"{k} {v}" for k, v in summary["failures_by_reason"].items())
         lines.append(f"  not completed: {reasons}")
+    if len(summary.get("per_version", {})) > 1:  # reconfigured live
+        parts = ", ".join(f"v{v} {s['requests']} requests, mean utility {s['mean_utility']:.3f}"
+                          for v, s in summary["per_version"].items())
+        lines.append(f"  config versions: {parts}")
     return "\n".join(lines)
 
 
@@ -565,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         status = cli.main(args=argv, prog_name="serif-dask", standalone_mode=False)
-    except (ConfigError, RunRefused) as exc:
+    except (ConfigError, RunRefused, ReconfigureRefused) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except click.exceptions.Abort:

@@ -450,6 +450,20 @@ class SerifPage:
         return source
 
     @staticmethod
+    def _version_text(plugin: SerifSchedulerPlugin) -> str:
+        """The run's config version and when it changed (live reconfiguration)."""
+        import time
+
+        applied = plugin.applied_version
+        text = f", config version {applied}"
+        at = plugin.applied_at.get(applied)
+        if applied > 1 and at is not None:
+            text += f" (since {time.strftime('%H:%M:%S', time.localtime(at))})"
+        if plugin.version > applied:
+            text += f", version {plugin.version} pending"
+        return text
+
+    @staticmethod
     def _header(plugin: SerifSchedulerPlugin, decisions: list[float]) -> str:
         from html import escape
 
@@ -463,7 +477,8 @@ class SerifPage:
         )
         lost = f", lost workers {len(plugin.lost_workers)}" if plugin.lost_workers else ""
         return (
-            f"<b>serif</b> run <code>{escape(str(plugin.run_id))}</code>: policy "
+            f"<b>serif</b> run <code>{escape(str(plugin.run_id))}</code>"
+            f"{escape(SerifPage._version_text(plugin))}: policy "
             f"<b>{escape(plugin.policy_name)}</b>, data-aware {plugin.data_aware}; "
             f"{total:,} requests, utility {utility:,.2f}; {decision}; "
             f"{len(plugin.pending)} batches in flight{lost}"

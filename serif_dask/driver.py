@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import time
 import uuid
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 from distributed import Client
-from distributed.protocol.pickle import dumps
+from distributed.protocol.pickle import dumps, loads
 
 from serif_dask.accounting import BatchTimes, StageTimes, TickLedger
 from serif_dask.config import Application, SerifConfig
@@ -32,7 +34,9 @@ from serif_dask.prepare import (
     Estimators,
     ReadyDataWorkers,
     await_steps,
+    data_steps,
     data_workers,
+    warm_models,
     warm_up,
 )
 from serif_dask.records import DecisionTimes, RecordLog, Rotation, summary
@@ -65,6 +69,28 @@ class RunOptions:
     warm_models: bool = True
 
 
+@dataclass(frozen=True)
+class AppliedVersion:
+    """A config version of the run, as the driver applied it (at a tick boundary)."""
+
+    version: int
+    applied_at: float  # wall time of the first tick boundary under it
+    policy: str
+    data_aware: bool
+    changes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A new config version made ready (readers opened, new models warm) to switch to."""
+
+    version: int
+    config: SerifConfig
+    policy: str
+    data_aware: bool
+    changes: tuple[str, ...]
+
+
 @dataclass
 class RunStats:
     ticks: int = 0
@@ -95,6 +121,14 @@ class Driver:
         self.scheduler_lost = False
         self.configured = False
         self.replaced_by: str | None = None  # the run that took the scheduler over
+        # Live reconfiguration: the version ticks start under, what it runs, and the
+        # newest one the scheduler plugin has (plan replies say), prepared off the clock.
+        self.version = 1
+        self.policy, self.data_aware = options.policy, options.data_aware
+        self.versions: list[AppliedVersion] = []
+        self.newest_version = 1
+        self._preparing: asyncio.Task | None = None
+        self._prepared_for = 1  # the version last prepared (applied or not)
 
     def join(self, run_id: str) -> None:
         """Serve another driver's live run (ad-hoc requests only): its id, our estimators."""
@@ -146,6 +180,9 @@ class Driver:
         finally:
             for task in watchers:
                 task.cancel()
+            if self._preparing is not None:  # a version not applied before the end
+                self._preparing.cancel()
+                await asyncio.wait([self._preparing])
             await self._drain()
             self.stuck.cancel()
             self.ready.cancel()
@@ -201,58 +238,158 @@ class Driver:
 
     # -- the clock -----------------------------------------------------------------------
     async def _clock(self, progress: Callable[[RunStats, RecordLog], None] | None) -> None:
-        apps = self.config.apps
         self.started = start = time.time()
-        index = [0] * len(apps)
+        self.versions = [AppliedVersion(1, start, self.policy, self.data_aware)]
+        # Per application: its next tick's index, and the (time, index) its ticks are
+        # counted from; a new sample-duration counts from the last tick before it.
+        index = {a.name: 0 for a in self.config.apps}
+        base = {a.name: (start, 0) for a in self.config.apps}
         duration = self.options.duration
         while not self.stop_event.is_set():
-            due = [start + index[i] * a.sample_duration for i, a in enumerate(apps)]
-            next_due = min(due)
+            if self._preparing is not None and self._preparing.done():
+                await self._switch(index, base)
+            apps = self.config.apps
+            due = {a.name: base[a.name][0] + (index[a.name] - base[a.name][1])
+                   * a.sample_duration for a in apps}
+            next_due = min(due.values())
             if duration and next_due >= start + duration:
                 break
             wait = next_due - time.time()
             if wait > 0:
-                try:
-                    await asyncio.wait_for(self.stop_event.wait(), timeout=wait)
+                if await self._sleep(wait):
                     break
-                except TimeoutError:
-                    pass
+                continue  # a new config version may be ready: it applies from this tick
             now = time.time()
             # Ticks due together (within JOINT_WINDOW_S) are planned together, in one
             # problem: one plan round, one turn in the planning order.
-            members = [i for i in range(len(apps)) if due[i] <= now + JOINT_WINDOW_S]
-            plan_round = PlanRound(self.plan_order, self._plan_parts, len(members))
-            for member, i in enumerate(members):
-                app = apps[i]
-                if now - due[i] > min(0.5, app.sample_duration / 2):
+            members = [a for a in apps if due[a.name] <= now + JOINT_WINDOW_S]
+            plan_round = PlanRound(self.plan_order,
+                                   functools.partial(self._plan_parts, version=self.version),
+                                   len(members))
+            for member, app in enumerate(members):
+                if now - due[app.name] > min(0.5, app.sample_duration / 2):
                     self.stats.ticks_late += 1
                 if len(self._ticks) >= self.options.max_inflight_ticks:
-                    self._skip(app, index[i], now)
+                    self._skip(app, index[app.name], now)
                     plan_round.withdraw(member)
                 else:
-                    tick = Tick(self, app, index[i], now, due[i] - start, plan_round, member)
+                    tick = Tick(self, app, index[app.name], now, due[app.name] - start,
+                                plan_round, member)
                     task = asyncio.create_task(tick.run())
                     for tasks in (self.inflight, self._ticks):
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
-                index[i] += 1
+                index[app.name] += 1
                 self.stats.ticks += 1
             if progress is not None:
                 progress(self.stats, self.log)
 
-    async def _plan_parts(self, parts: list[dict[str, Any]], now: float) -> list[dict[str, Any]]:
-        """One ``serif_plan`` call for a plan round's parts."""
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less when stopped or a new config version is ready;
+        returns whether the run was stopped."""
+        stop = asyncio.ensure_future(self.stop_event.wait())
+        waiting = {stop}
+        if self._preparing is not None:
+            waiting.add(self._preparing)
+        try:
+            await asyncio.wait(waiting, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        return self.stop_event.is_set()
+
+    async def _plan_parts(self, parts: list[dict[str, Any]], now: float,
+                          version: int = 1) -> list[dict[str, Any]]:
+        """One ``serif_plan`` call for a plan round's parts (of one config version)."""
         reply = await self.client.scheduler.serif_plan(
-            parts=parts, now=now, started=self.started, run_id=self.run_id)
+            parts=parts, now=now, started=self.started, run_id=self.run_id, version=version)
         self.stats.decision_ms.append(reply["decision_ms"])
+        self.note_version(reply.get("config_version"))
         return reply["parts"]
+
+    # -- live reconfiguration ------------------------------------------------------------
+    def note_version(self, newest: int | None) -> None:
+        """The scheduler plugin has config version ``newest``: prepare it, off the clock."""
+        if newest is None or newest <= self.newest_version:
+            return
+        self.newest_version = int(newest)
+        if self._preparing is None:
+            self._start_preparing()
+
+    def _start_preparing(self) -> None:
+        self._prepared_for = self.newest_version
+        self._preparing = asyncio.ensure_future(self._prepare(self.newest_version))
+
+    async def _prepare(self, version: int) -> _Prepared | None:
+        """Fetch ``version`` and make it ready: every data worker opens its readers under
+        it and peeks once, and compute workers load its new real models (as before the
+        first tick), so that the first tick under it pays nothing extra."""
+        reply = await self.client.scheduler.serif_get_config(run_id=self.run_id,
+                                                             version=version)
+        if reply.get("config") is None:
+            logger.warning("serif: config version %d of run %s is gone; skipped", version,
+                           self.run_id)
+            return None
+        config: SerifConfig = loads(reply["config"])
+        data = await data_workers(self.client)
+        steps = data_steps(self.client, config, self.run_id, self.estimators, data, version)
+        old = {(a.name, p.name): p for a in self.config.apps for p in a.model_profiles}
+        new_models = [f"{a.name}/{p.name}" for a in config.apps for p in a.model_profiles
+                      if not p.use_profile and old.get((a.name, p.name)) != p]
+        try:
+            await warm_models(self.client, self.run_id, steps, self.options.warm_models,
+                              self.stop_event, version=version, only=new_models)
+        finally:
+            for fut in steps.values():
+                fut.release()
+        return _Prepared(version, config, reply["policy"], bool(reply["data_aware"]),
+                         tuple(reply.get("changes") or ()))
+
+    async def _switch(self, index: dict[str, int], base: dict[str, tuple[float, int]]) -> None:
+        """At a tick boundary: ticks start under the prepared version from now on.
+
+        Ticks in flight finish under the version they started with (their config, their
+        plans, their records' ``version``). An application whose sample-duration changed
+        counts its next tick from its last one.
+        """
+        task, self._preparing = self._preparing, None
+        assert task is not None
+        try:
+            prepared = task.result()
+        except Exception as exc:
+            logger.warning("serif: could not prepare config version %d: %s",
+                           self.newest_version, exc)
+            prepared = None
+        if prepared is not None and prepared.version > self.version:
+            old = {a.name: a for a in self.config.apps}
+            for app in prepared.config.apps:
+                before = old[app.name]
+                if app.sample_duration != before.sample_duration and index[app.name]:
+                    t0, i0 = base[app.name]
+                    last = t0 + (index[app.name] - 1 - i0) * before.sample_duration
+                    base[app.name] = (last, index[app.name] - 1)
+            self.config = prepared.config
+            self.estimators.config = self.ready.config = prepared.config
+            self.ready.version = prepared.version
+            self.version = prepared.version
+            self.policy, self.data_aware = prepared.policy, prepared.data_aware
+            applied = AppliedVersion(prepared.version, time.time(), prepared.policy,
+                                     prepared.data_aware, prepared.changes)
+            self.versions.append(applied)
+            logger.info("serif: run %s now at config version %d (%s)", self.run_id,
+                           applied.version, "; ".join(applied.changes) or "no change")
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.client.scheduler.serif_applied(
+                    run_id=self.run_id, version=prepared.version), timeout=10)
+        if self.newest_version > self._prepared_for:  # another came meanwhile
+            self._start_preparing()
 
     def _skip(self, app: Application, tick: int, arrival: float) -> None:
         """Too many ticks in flight: this one is not started, its requests fail."""
         groups = np.arange(self.config.data.num_groups, dtype=np.int64)
         logger.warning("serif: %d ticks in flight; tick %d of %s skipped",
                        len(self._ticks), tick, app.name)
-        ledger = TickLedger(app, tick, arrival, groups, self.log, self.options.on_records)
+        ledger = TickLedger(app, tick, arrival, groups, self.log, self.options.on_records,
+                            version=self.version)
         ledger.fail(groups, "tick-skipped")
 
     # -- what it reports -----------------------------------------------------------------
@@ -270,10 +407,14 @@ class Driver:
             logger.debug("serif: could not report tick metrics", exc_info=True)
 
     def summary(self) -> dict[str, Any]:
+        """The run's summary; ``policy``/``data_aware`` are its final version's."""
         return summary(
-            self.log, policy=self.options.policy, data_aware=self.options.data_aware,
+            self.log, policy=self.policy, data_aware=self.data_aware,
             ticks=self.stats.ticks, decision_ms=self.stats.decision_ms,
             extra={
+                "version": self.version,
+                "versions": [dataclasses.asdict(v) | {"changes": list(v.changes)}
+                             for v in self.versions],
                 "ticks_late": self.stats.ticks_late,
                 "seed": self.options.seed,
                 "run_id": self.run_id,

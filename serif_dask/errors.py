@@ -9,3 +9,7 @@ class RunFailed(Exception):
 
 class RunRefused(RunFailed):
     """A run was not started because another one is live on the scheduler (exit 2)."""
+
+
+class ReconfigureRefused(RunFailed):
+    """A live reconfiguration could not apply; the run goes on unchanged (exit 2)."""

@@ -223,6 +223,7 @@ def scheduler_sizes(dask_scheduler: Scheduler) -> dict[str, int]:
             serif_pending=len(plugin.pending),
             serif_worker_pending=sum(len(w.pending) for w in plugin.workers.values()),
             serif_lost_workers=len(plugin.lost_workers),
+            serif_config_versions=len(plugin.versions),
             serif_decision_ms=len(plugin.decision_ms),
             serif_latencies=sum(len(m.latencies) for m in plugin.metrics.values()),
             serif_timeline=sum(len(m.timeline) for m in plugin.metrics.values()),
@@ -254,7 +255,8 @@ def worker_sizes(dask_worker: Worker) -> dict[str, int]:
     plugin = dask_worker.plugins.get("serif")
     if plugin is not None:
         sizes.update(
-            serif_readers=len(plugin.readers),
+            serif_readers=sum(len(opened) for opened in plugin.readers.values()),
+            serif_config_versions=len(plugin.configs),
             serif_models=len(plugin.models.names()),
             serif_inputs=len(plugin.inputs),
             serif_shm=len(plugin.shm),

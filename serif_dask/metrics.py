@@ -269,7 +269,12 @@ class SerifCollector:
             "serif-dask run), other drivers, and every worker (from its heartbeat)",
             labels=["process", "role"],
         )
+        version = GaugeMetricFamily(
+            "serif_config_version",
+            "The live run's config version its driver ticks under (1: the run's start)",
+        )
         if plugin is not None:
+            version.add_metric([], plugin.applied_version)
             tel = telemetry(plugin)
             for app, m in sorted(plugin.metrics.items()):
                 for outcome in ("completed", "dropped", "failed"):
@@ -288,7 +293,7 @@ class SerifCollector:
             for proc in memory.history(plugin.scheduler).current(plugin.scheduler):
                 resident.add_metric([proc.name, proc.role], proc.rss)
         yield from (requests, utility, met, reasons, latency, decision, warm, backlog,
-                    resident)
+                    resident, version)
 
 
 memory.SIZE_SOURCES.append(_telemetry_sizes)

@@ -110,8 +110,9 @@ class Estimators:
 
 
 def data_steps(client: Client, config: SerifConfig, run_id: str, estimators: Estimators,
-               data: dict[str, str]) -> dict[str, Future]:
-    """On each data worker (server -> address): open its readers and peek once."""
+               data: dict[str, str], version: int | None = None) -> dict[str, Future]:
+    """On each data worker (server -> address): open its readers (under config
+    ``version``, None: the one it has) and peek once."""
     steps: dict[str, Future] = {}
     for app in config.apps:
         peek_mod = config.peek_modality(app)
@@ -124,26 +125,42 @@ def data_steps(client: Client, config: SerifConfig, run_id: str, estimators: Est
                 continue
             steps[f"opening readers of {app.name} on data@{server}"] = client.submit(
                 warm_data_task, run_id, app.name, server, first_group, estimator, peek_mod,
-                key=f"serif-warm-{run_id}-{app.name}-{server}-{uuid.uuid4().hex[:8]}",
+                version, key=f"serif-warm-{run_id}-{app.name}-{server}-{uuid.uuid4().hex[:8]}",
                 workers=[address], allow_other_workers=False, pure=False,
             )
     return steps
 
 
 async def warm_up(client: Client, config: SerifConfig, run_id: str, estimators: Estimators,
-                  data: dict[str, str], warm_models: bool, stop: asyncio.Event) -> None:
+                  data: dict[str, str], warm_models_first: bool, stop: asyncio.Event) -> None:
     """Each data worker opens its readers and peeks once; each compute worker loads the
     run's real models and runs one forward (``warm_models``). Models loaded here are
     reported warm to the scheduler plugin before the first plan."""
     steps = data_steps(client, config, run_id, estimators, data)
+    real = [f"{a.name}/{p.name}" for a in config.apps for p in a.model_profiles
+            if not p.use_profile]
+    try:
+        await warm_models(client, run_id, steps, warm_models_first, stop, only=real)
+    finally:
+        for fut in steps.values():
+            fut.release()
+
+
+async def warm_models(client: Client, run_id: str, steps: dict[str, Future], enabled: bool,
+                      stop: asyncio.Event, version: int | None = None,
+                      only: list[str] | None = None) -> None:
+    """Wait for ``steps``, and meanwhile load the real models ``only`` (``app/model``) of
+    config ``version`` on every compute worker (when ``enabled``), reported warm to the
+    scheduler plugin before the plans that follow. The caller releases ``steps``."""
     compute = {}
-    if warm_models and any(not p.use_profile for a in config.apps for p in a.model_profiles):
+    if enabled and only:
         compute = {w["address"]: w["name"] for w in await live_workers(client)
                    if w["role"] == "compute"}
     models = {}
     for address, name in compute.items():
         models[address] = steps[f"loading models on {name}"] = client.submit(
-            warm_models_task, run_id, key=f"serif-warm-{run_id}-{name}", workers=[address],
+            warm_models_task, run_id, version, only,
+            key=f"serif-warm-{run_id}-{name}-{uuid.uuid4().hex[:8]}", workers=[address],
             allow_other_workers=False, resources={"GPU": 1}, pure=False,
         )
     await await_steps(steps, stop)
@@ -151,8 +168,6 @@ async def warm_up(client: Client, config: SerifConfig, run_id: str, estimators: 
         if fut.status == "finished":
             warm = (await gathered(client, [fut]))[0]
             await client.scheduler.serif_warm(worker=address, node=None, warm=warm, cold=[])
-    for fut in steps.values():
-        fut.release()
 
 
 class ReadyDataWorkers:
@@ -164,6 +179,7 @@ class ReadyDataWorkers:
     def __init__(self, client: Client, config: SerifConfig, run_id: str,
                  estimators: Estimators) -> None:
         self.client, self.config, self.run_id = client, config, run_id
+        self.version: int | None = None  # the config version ticks start under (None: 1)
         self.estimators = estimators
         self.ready: set[str] = set()
         self._warming: set[str] = set()
@@ -195,7 +211,7 @@ class ReadyDataWorkers:
 
     async def _warm(self, server: str, address: str, stop: asyncio.Event) -> None:
         steps = data_steps(self.client, self.config, self.run_id, self.estimators,
-                           {server: address})
+                           {server: address}, self.version)
         try:
             await await_steps(steps, stop)
         finally:

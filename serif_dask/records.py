@@ -26,8 +26,10 @@ PEEK_MODEL = "sneakpeek"
 
 COLUMNS = (
     "app", "group", "tick", "model", "worker", "arrival", "finish", "latency",
-    "prediction", "label", "utility", "outcome", "reason",
+    "prediction", "label", "utility", "outcome", "reason", "version",
 )
+#: Per config version, the summary's ``per_version`` keys (accounting checked on each).
+VERSION_KEYS = ("requests", "completed", "dropped", "failed", "deadline_met", "mean_utility")
 
 
 @dataclass
@@ -47,6 +49,8 @@ class Chunk:
     utility: np.ndarray
     deadline_met: np.ndarray
     reason: list[str]
+    #: The run's config version the request was served under (1: the run's start).
+    version: int = 1
 
     def __len__(self) -> int:
         return int(self.group.shape[0])
@@ -73,6 +77,7 @@ class Chunk:
                 "utility": float(self.utility[i]),
                 "outcome": self.outcome,
                 "reason": self.reason[i] or None,
+                "version": self.version,
             }
 
 
@@ -289,6 +294,7 @@ class RecordLog:
     rotation: Rotation | None = None
     totals: Tally = field(default_factory=Tally)
     per_app: dict[str, Tally] = field(default_factory=dict)
+    per_version: dict[int, Tally] = field(default_factory=dict)
     rotations: int = 0
     _file: IO[str] | None = None
     _opened: float = 0.0
@@ -315,6 +321,7 @@ class RecordLog:
             return
         self.totals.add(chunk)
         self.per_app.setdefault(chunk.app, Tally()).add(chunk)
+        self.per_version.setdefault(chunk.version, Tally()).add(chunk)
         if self._file is not None:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="serif-records")
@@ -409,8 +416,15 @@ def summary(
     result["data_aware"] = data_aware
     result["ticks"] = ticks
     result["per_app"] = {a: log.per_app[a].result() for a in sorted(log.per_app)}
+    result["per_version"] = {}
+    for version in sorted(log.per_version):
+        tally = log.per_version[version].result()
+        result["per_version"][str(version)] = {k: tally[k] for k in VERSION_KEYS}
     if extra:
         result.update(extra)
-    if result["requests"] != result["completed"] + result["dropped"] + result["failed"]:
-        raise AssertionError("serif: accounting invariant broken")
+    for part in [result, *result["per_version"].values()]:
+        if part["requests"] != part["completed"] + part["dropped"] + part["failed"]:
+            raise AssertionError("serif: accounting invariant broken")
+    if sum(p["requests"] for p in result["per_version"].values()) != result["requests"]:
+        raise AssertionError("serif: accounting invariant broken across versions")
     return result

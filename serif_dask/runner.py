@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -69,8 +71,18 @@ async def run_deployment(
     replace: bool = False,
     warm_models: bool = True,
     security: Security | None = None,
+    scheduler_file: Path | None = None,
 ) -> tuple[dict[str, Any] | None, int]:
-    """Run ``config``; return (summary, exit status)."""
+    """Run ``config``; return (summary, exit status).
+
+    ``scheduler_file``: join the scheduler it names when it exists (as Dask's
+    ``--scheduler-file`` does), else write the local cluster's address there (Dask's
+    format, removed at the end), so that other commands (``serif-dask reconfigure
+    --scheduler-file``) can find the run.
+    """
+    if scheduler_file is not None and scheduler_address is None and scheduler_file.exists():
+        scheduler_address = read_scheduler_file(scheduler_file)
+    written: Path | None = None
     if not logger.isEnabledFor(logging.INFO):
         # The local scheduler lives in this process: keep Dask's chatter off the terminal.
         logging.getLogger("distributed").setLevel(logging.ERROR)
@@ -108,6 +120,9 @@ async def run_deployment(
                                                 security=security)
             client = await Client(cluster, asynchronous=True, security=cluster.security)
             host = cluster.scheduler.address
+            if scheduler_file is not None:
+                write_scheduler_file(scheduler_file, host)
+                written = scheduler_file
             logger.info("local cluster at %s, dashboard %s", host, cluster.dashboard_link)
         if stopped:
             return None, _signal_status(stopped)
@@ -152,6 +167,27 @@ async def run_deployment(
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)
         settings.close()
+        if written is not None:
+            with contextlib.suppress(OSError):
+                written.unlink()
+
+
+def read_scheduler_file(path: Path) -> str:
+    """The scheduler address in a Dask scheduler file (``{"address": ...}``)."""
+    try:
+        address = json.loads(path.read_text())["address"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise RunFailed(f"cannot read the scheduler address in {path}: {exc}") from None
+    if not isinstance(address, str):
+        raise RunFailed(f"cannot read the scheduler address in {path}: not a string")
+    return address
+
+
+def write_scheduler_file(path: Path, address: str) -> None:
+    """Write ``address`` in Dask's scheduler-file format, whole or not at all."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps({"type": "Scheduler", "address": address}) + "\n")
+    partial.replace(path)
 
 
 def _signal_status(stopped: dict[int, int]) -> int:

@@ -9,6 +9,7 @@ scheduler's event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from distributed.protocol.pickle import dumps, loads
 from distributed.scheduler import Scheduler
 
 from serif_dask.config import SerifConfig
+from serif_dask.errors import ReconfigureRefused
 from serif_dask.planning import (
     ModelTable,
     WorkerView,
@@ -57,6 +59,32 @@ DRIFT_WEIGHT = 0.3
 WORKERS_TOPIC = "serif-workers"
 #: Workers that left, remembered for the dashboard: the most recent ones only.
 LOST_WORKERS_KEPT = 256
+#: The Dask event topic on which the plugin announces new config versions of the run
+#: (``serif_reconfigure``) and the driver's applying them.
+CONFIG_TOPIC = "serif-config"
+#: Config versions of a run the plugin keeps (in-flight ticks of an older one still plan
+#: under it; a worker may still pull it).
+VERSIONS_KEPT = 16
+
+
+@dataclass(frozen=True)
+class ConfigVersion:
+    """One config version of the live run: what its plans use.
+
+    Version 1 is the run's start; ``serif_reconfigure`` adds the next. Ticks carry the
+    version they started under, so a tick in flight when the run moves on plans, scores
+    and records under its own.
+    """
+
+    version: int
+    config: SerifConfig
+    config_bytes: bytes
+    table: ModelTable
+    policy_name: str
+    policy: Any = field(repr=False)
+    data_aware: bool
+    changed_at: float  # wall time the version was made
+    changes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -126,6 +154,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "serif_get_config": self.get_config,
                 "serif_plan": self.plan,
                 "serif_calibrate": self.calibrate,
+                "serif_reconfigure": self.reconfigure,
+                "serif_applied": self.applied,
                 "serif_end": self.end,
                 "serif_report": self.report,
                 "serif_state": self.state,
@@ -159,8 +189,17 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self._lock = asyncio.Lock()
         # score key -> (global model index, worker address, estimated seconds), until the
         # driver reports the batch's measured time; and the running ratios it feeds.
-        self.booked: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
-        self.drift: dict[tuple[int, str], float] = {}
+        # Drift is keyed by model name ("app/model"), so it survives a new config version
+        # whose model table numbers the models differently.
+        self.booked: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
+        self.drift: dict[tuple[str, str], float] = {}
+        #: The run's config versions (the newest ``VERSIONS_KEPT``); ``version`` is the
+        #: newest, ``applied_version`` the one the driver ticks under (and that plans
+        #: without a version, and the dashboard, use).
+        self.versions: OrderedDict[int, ConfigVersion] = OrderedDict()
+        self.version = 0
+        self.applied_version = 0
+        self.applied_at: dict[int, float] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="serif-plan")
         for address in list(self.scheduler.workers):
             self._track_worker(address)
@@ -289,21 +328,25 @@ class SerifSchedulerPlugin(SchedulerPlugin):
     ) -> dict[str, Any]:
         parsed: SerifConfig = loads(config)
         policy_obj = get_policy(policy)
-        self.config, self.config_bytes, self.run_id = parsed, config, run_id
+        self.run_id = run_id
         self.ended = False
         self.last_activity = time.time()
         self.booked.clear()
         self.drift.clear()
-        self.live_timeout_s = max(LIVE_TIMEOUT_S,
-                                  5 * max(a.sample_duration + 2 * a.sla_latency
-                                          for a in parsed.apps))
-        self.table = ModelTable.from_config(parsed)
-        self.policy_name, self.policy = policy, policy_obj
-        self.data_aware, self.seed = bool(data_aware), int(seed)
+        first = ConfigVersion(
+            version=1, config=parsed, config_bytes=config,
+            table=ModelTable.from_config(parsed), policy_name=policy, policy=policy_obj,
+            data_aware=bool(data_aware), changed_at=time.time(),
+        )
+        self.versions = OrderedDict({1: first})
+        self.version = 1
+        self.applied_at = {}
+        self._use(first)
+        self.seed = int(seed)
         # Nodes only: a password reaches workers in their RedisCredentials plugin.
         self.redis_info = {k: v for k, v in redis.items() if k != "password"} if redis else None
         self.run_started = time.time()
-        self.slack = SLACK_SLA_FRACTION * min(app.sla_latency for app in parsed.apps)
+        self.applied_at[1] = self.run_started
         self.score_prior = {}
         self.beliefs = {
             app.name: make_beliefs(app, parsed.data.num_groups, self._persistence(app))
@@ -323,15 +366,144 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         )
         return {"workers": self._describe_workers()}
 
-    def get_config(self, run_id: str | None = None) -> dict[str, Any]:
-        """Workers pull the run's config lazily, on their first task of a run."""
-        if self.config_bytes is None or (run_id is not None and run_id != self.run_id):
-            return {"run_id": self.run_id, "config": None, "live": self.live_run() is not None}
+    def _use(self, cv: ConfigVersion) -> None:
+        """Make ``cv`` the applied version: what the dashboard shows and plans without a
+        version use; the run's timeouts follow its SLAs."""
+        self.config, self.config_bytes, self.table = cv.config, cv.config_bytes, cv.table
+        self.policy_name, self.policy, self.data_aware = cv.policy_name, cv.policy, cv.data_aware
+        self.applied_version = cv.version
+        apps = cv.config.apps
+        self.live_timeout_s = max(LIVE_TIMEOUT_S,
+                                  5 * max(a.sample_duration + 2 * a.sla_latency for a in apps))
+        self.slack = SLACK_SLA_FRACTION * min(app.sla_latency for app in apps)
+
+    def get_config(self, run_id: str | None = None, version: int | None = None
+                   ) -> dict[str, Any]:
+        """Workers pull the run's config lazily, on their first task of a run (or of a
+        config version: ``version``, else the applied one)."""
+        cv = self.versions.get(self.applied_version if version is None else version)
+        if cv is None or (run_id is not None and run_id != self.run_id):
+            return {"run_id": self.run_id, "config": None, "live": self.live_run() is not None,
+                    "version": self.version}
         return {
-            "run_id": self.run_id, "config": self.config_bytes, "seed": self.seed,
+            "run_id": self.run_id, "config": cv.config_bytes, "seed": self.seed,
             "live": self.live_run() is not None,
             "redis": self.redis_info,
+            "version": cv.version, "newest_version": self.version,
+            "policy": cv.policy_name, "data_aware": cv.data_aware,
+            "changes": list(cv.changes),
         }
+
+    # -- live reconfiguration ---------------------------------------------------------------
+    async def reconfigure(
+        self, config: bytes | None = None, policy: str | None = None,
+        data_aware: bool | None = None, run_id: str | None = None, dry_run: bool = False,
+    ) -> dict[str, Any]:
+        """A new config version of the live run, from the newest one and what changes.
+
+        ``config`` is a pickled :class:`SerifConfig` (the whole new config, no secrets),
+        ``policy``/``data_aware`` override it. The reply is ``{"version", "changes",
+        "push"}`` (``push``: real models whose weights must be in the run's Redis before
+        the version is made; ``dry_run`` only checks) or ``{"refused": one line}``: the run
+        then goes on unchanged. Unpickling, the diff and the policy's import run on the
+        plan thread, not on the event loop. The driver applies the version at its next
+        tick boundary (``serif_applied``); until then plans use the version they name.
+        """
+        async with self._lock:
+            live = self.live_run()
+            if live is None:
+                return {"refused": "the scheduler serves no live run to reconfigure"}
+            if run_id is not None and run_id != live:
+                return {"refused": f"run-changed: the scheduler now serves run {live}"}
+            newest = self.versions[self.version]
+            loop = asyncio.get_running_loop()
+            try:
+                proposed, push = await loop.run_in_executor(
+                    self._executor, self._propose, newest, config, policy, data_aware)
+            except ReconfigureRefused as exc:
+                return {"refused": str(exc)}
+            if dry_run or not proposed.changes:
+                return {"version": self.version, "changes": list(proposed.changes),
+                        "push": push, "run_id": live}
+            version = self.version + 1
+            made = dataclasses.replace(proposed, version=version, changed_at=time.time())
+            self.versions[version] = made
+            self.version = version
+            while len(self.versions) > VERSIONS_KEPT:
+                oldest = next(iter(self.versions))
+                if oldest == self.applied_version:
+                    break
+                del self.versions[oldest]
+                self.applied_at.pop(oldest, None)
+            n_groups = made.config.data.num_groups
+            for beliefs in self.beliefs.values():
+                if n_groups > beliefs.n_groups:  # plans of the new version may name them
+                    beliefs.resize(n_groups)
+            logger.info("serif: run %s config version %d: %s", live, version,
+                        "; ".join(made.changes))
+            self.scheduler.log_event(CONFIG_TOPIC, {
+                "action": "new", "run_id": live, "version": version,
+                "changes": list(made.changes), "at": made.changed_at,
+            })
+            return {"version": version, "changes": list(made.changes), "push": push,
+                    "run_id": live}
+
+    def _propose(
+        self, newest: ConfigVersion, config: bytes | None, policy: str | None,
+        data_aware: bool | None,
+    ) -> tuple[ConfigVersion, list[str]]:
+        """On the plan thread: the proposed version (numbered later) and the real models
+        whose weights it needs pushed; raises :class:`ReconfigureRefused`."""
+        from serif_dask.reconfigure import diff
+
+        if config is None:
+            new_config, config_bytes = newest.config, newest.config_bytes
+        else:
+            try:
+                new_config = loads(config)
+            except Exception as exc:
+                raise ReconfigureRefused(f"cannot read the new config: {exc}") from None
+            if not isinstance(new_config, SerifConfig):
+                raise ReconfigureRefused("the new config is not a SerifConfig")
+            config_bytes = config
+        proposal = diff(newest.config, new_config, live_policy=newest.policy_name,
+                        live_data_aware=newest.data_aware, policy=policy,
+                        data_aware=data_aware, has_redis=self.redis_info is not None)
+        table = newest.table if new_config is newest.config else \
+            ModelTable.from_config(new_config)
+        made = ConfigVersion(
+            version=newest.version, config=new_config, config_bytes=config_bytes,
+            table=table, policy_name=proposal.policy,
+            policy=newest.policy if proposal.policy == newest.policy_name
+            else proposal.policy_obj,
+            data_aware=proposal.data_aware, changed_at=time.time(),
+            changes=tuple(str(c) for c in proposal.changes),
+        )
+        return made, list(proposal.push)
+
+    async def applied(self, run_id: str, version: int) -> None:
+        """The driver of ``run_id`` ticks under ``version`` from now on."""
+        async with self._lock:
+            self._touch(run_id)
+            cv = self.versions.get(version)
+            if cv is None or version <= self.applied_version:
+                return
+            self._use(cv)
+            self.applied_at[version] = time.time()
+            for beliefs in self.beliefs.values():
+                beliefs.resize(cv.config.data.num_groups)
+            self.scheduler.log_event(CONFIG_TOPIC, {
+                "action": "applied", "run_id": run_id, "version": version,
+                "at": self.applied_at[version],
+            })
+
+    def _version(self, version: int | None) -> ConfigVersion:
+        """The config version a plan names (None: the applied one)."""
+        cv = self.versions.get(self.applied_version if version is None else version)
+        if cv is None:
+            raise RuntimeError(f"serif: config version {version} of run {self.run_id} is "
+                               f"no longer kept (the newest is {self.version})")
+        return cv
 
     def warm_update(
         self, worker: str, node: str | None, warm: list[str], cold: list[str] | None = None
@@ -368,6 +540,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         request: str | None = None,
         run_id: str | None = None,
         parts: list[dict[str, Any]] | None = None,
+        version: int | None = None,
     ) -> dict[str, Any]:
         """Pick a model and worker (or a drop, or an answer from the peek) per request.
 
@@ -384,20 +557,25 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         (:meth:`serif_dask.Serif.submit`) planned out of tick order: its ``arrival`` is
         wall-clock time, ``now`` is the scheduler's, and its batch key carries the name.
         With ``run_id``, a plan for another run than the configured one is refused rather
-        than made against the wrong state.
+        than made against the wrong state. ``version`` is the config version the ticks
+        started under (None: the applied one); the reply names it (``version``) and the
+        newest (``config_version``), which is how a driver learns of a new one.
         """
         async with self._lock:  # one plan (or configure) at a time: bookings never race
             self._touch(run_id)
-            return await self._plan(app, tick, groups, arrival, scores, input_node, now,
-                                    started, attempt, request, parts)
+            cv = self._version(version)
+            reply = await self._plan(app, tick, groups, arrival, scores, input_node, now,
+                                     started, attempt, request, parts, cv)
+            reply["version"], reply["config_version"] = cv.version, self.version
+            return reply
 
     async def _plan(
         self, app: str | None, tick: int | None, groups: list[int] | None,
         arrival: list[float] | None, scores: bytes | None,
         input_node: dict[str, list[str]] | None, now: float | None, started: float | None,
         attempt: int, request: str | None, parts: list[dict[str, Any]] | None,
+        cv: ConfigVersion,
     ) -> dict[str, Any]:
-        assert self.table is not None and self.config is not None
         single = parts is None
         if parts is None:
             parts = [{"app": app, "tick": tick, "groups": groups, "arrival": arrival,
@@ -415,21 +593,23 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             # would be planned against time that has already passed.
             now = real_now
         t0 = time.perf_counter()
-        view = self._worker_view(now, real_now)
+        table = cv.table
+        view = self._worker_view(now, real_now, table)
         # Beliefs, problem and policy run on the plan thread, under the plan lock: nothing
         # per request touches the event loop (the scheduler's, in one-machine mode the
         # driver's too).
         loop = asyncio.get_running_loop()
         problem, problems, beliefs_out, plan = await loop.run_in_executor(
-            self._executor, self._decide, parts, request, view, now)
-        table = self.table
+            self._executor, self._decide, parts, request, view, now, cv)
         model = np.asarray(plan.model)
         replies, offset = [], 0
         for part, sub, (pi_est, single_pi) in zip(parts, problems, beliefs_out, strict=True):
             rows = np.arange(offset, offset + sub.n_requests)
             offset += sub.n_requests
             label = f"{part['tick']}.{attempt}" if request is None else f"submit.{request}"
-            batches = self._commit(part["app"], label, problem, plan, view, rows)
+            batches = self._commit(part["app"], label, problem, plan, view, rows, table)
+            for batch in batches:
+                batch["version"] = cv.version
             unserved = rows[model[rows] == DROP]
             app_table = table.app(part["app"])
             answer = problem.peek_utility[unserved] > problem.miss_utility[unserved] + MIN_GAIN
@@ -493,7 +673,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             booked = self.booked.pop(key, None)
             if booked is None or booked[2] <= 0:
                 continue
-            m, address, estimate = booked
+            m, address, estimate = booked  # m: the model's name, "app/model"
             # The estimate already used the ratio in force: the new ratio compounds it.
             current = self.drift.get((m, address), 1.0)
             planned_with = current if abs(math.log(current)) > math.log(DRIFT_TOLERANCE) \
@@ -520,11 +700,22 @@ class SerifSchedulerPlugin(SchedulerPlugin):
     def state(self) -> dict[str, Any]:
         """A snapshot for the dashboard, the CLI and tests (plain, msgpack-able values)."""
         now = time.time()
+        newest = self.versions.get(self.version)
         return {
             "run_id": self.run_id,
             "live_run": self.live_run(),
             "policy": self.policy_name,
             "data_aware": self.data_aware,
+            "version": self.version,
+            "version_changed_at": newest.changed_at if newest else None,
+            "applied_version": self.applied_version,
+            "applied_at": self.applied_at.get(self.applied_version),
+            "versions": [
+                {"version": v.version, "changed_at": v.changed_at,
+                 "applied_at": self.applied_at.get(v.version), "policy": v.policy_name,
+                 "data_aware": v.data_aware, "changes": list(v.changes)}
+                for v in self.versions.values()
+            ],
             "workers": self._describe_workers(now),
             "lost_workers": list(self.lost_workers),
             "pending": len(self.pending),
@@ -563,14 +754,15 @@ class SerifSchedulerPlugin(SchedulerPlugin):
 
     def _decide(
         self, parts: list[dict[str, Any]], request: str | None, view: WorkerView, now: float,
+        cv: ConfigVersion,
     ) -> tuple[PlanProblem, list[PlanProblem], list[tuple[np.ndarray, Any]], Plan]:
-        """Advance the beliefs by the parts' peeks, build one problem, ask the policy."""
-        assert self.table is not None and self.config is not None
-        table = self.table
+        """Advance the beliefs by the parts' peeks, build one problem, ask the policy
+        (all under the config version ``cv`` the ticks started with)."""
+        table, data_aware = cv.table, cv.data_aware
         problems, beliefs_out, seeds = [], [], [self.seed]
         for part in parts:
             app_table = table.app(part["app"])
-            app_cfg = self.config.app(part["app"])
+            app_cfg = cv.config.app(part["app"])
             groups_arr = unpack(part["groups"], np.int64)
             arrival = part["arrival"]  # one time for the whole tick, or one per request
             arrival_arr = (np.full(groups_arr.size, float(arrival))
@@ -587,12 +779,12 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                                         app_cfg.sneakpeek.strength)
             pi_est = beliefs.pi(groups_arr)
             self.latest_pi[app_table.name] = beliefs  # the dashboard reads it on demand
-            pi = pi_est if self.data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
+            pi = pi_est if data_aware else np.broadcast_to(app_table.prior, pi_est.shape)
             problems.append(build_problem(
                 table, app_table, groups_arr, arrival_arr, pi,
                 {mod: unpack_nodes(nodes) for mod, nodes in part["input_node"].items()},
                 view, now, np.random.default_rng(0),
-                answer=self.data_aware and app_cfg.sneakpeek.answer,
+                answer=data_aware and app_cfg.sneakpeek.answer,
             ))
             beliefs_out.append((pi_est, single_pi))
             seeds += [app_table.index, int(part["tick"])]
@@ -601,7 +793,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             r = problem.n_requests
             plan = Plan(model=np.full(r, DROP), worker=np.full(r, DROP), priority=np.zeros(r))
         else:
-            plan = self.policy(problem)
+            plan = cv.policy(problem)
         return problem, problems, beliefs_out, plan
 
     def workers_ping(self, token: str) -> None:
@@ -640,9 +832,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             for s in sorted(self.workers.values(), key=lambda s: s.name)
         ]
 
-    def _worker_view(self, now: float, real_now: float) -> WorkerView:
-        assert self.table is not None
-        table = self.table
+    def _worker_view(self, now: float, real_now: float, table: ModelTable) -> WorkerView:
         compute = sorted(
             (
                 s
@@ -668,8 +858,9 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             # it does not fall behind again the moment the overdue batches finish.
             s.busy_until = max(s.busy_until, now + float(b))
         drift = np.ones((table.n_models, len(compute)))
-        for (m, address), ratio in self.drift.items():
-            if abs(math.log(ratio)) > math.log(DRIFT_TOLERANCE):
+        for (name, address), ratio in self.drift.items():
+            m = index.get(name)
+            if m is not None and abs(math.log(ratio)) > math.log(DRIFT_TOLERANCE):
                 for w, s in enumerate(compute):
                     if s.address == address:
                         drift[m, w] = ratio
@@ -684,24 +875,23 @@ class SerifSchedulerPlugin(SchedulerPlugin):
 
     def _commit(
         self, app: str, tick: str, problem: Any, plan: Plan, view: WorkerView,
-        rows: np.ndarray,
+        rows: np.ndarray, table: ModelTable,
     ) -> list[dict[str, Any]]:
         """Group the plan's ``rows`` (one tick's requests) into one batch per (worker,
         model) and book the work it adds."""
         priority = np.asarray(plan.priority, dtype=float)
         out: list[dict[str, Any]] = []
-        assert self.table is not None
         for batch in batches(problem, plan, view.warm, rows):
             m, w, chunk = batch.model, batch.worker, batch.rows
             state = self.workers.get(view.addresses[w])
-            model_name = self.table.names[m].split("/", 1)[1]
+            model_name = table.names[m].split("/", 1)[1]
             key = f"serif-score-{self.run_id}-{app}-{tick}-{m}-{w}"
-            self.booked[key] = (m, view.addresses[w], float(batch.seconds))
+            self.booked[key] = (table.names[m], view.addresses[w], float(batch.seconds))
             while len(self.booked) > 4096:
                 self.booked.popitem(last=False)
             if state is not None:
                 state.book(key, problem.now, batch.seconds)
-                state.warm[self.table.names[m]] = None
+                state.warm[table.names[m]] = None
                 self.pending[key] = state.address
             out.append(
                 {

@@ -558,6 +558,10 @@ class GroupBeliefs:
         else:
             self.alpha[np.asarray(groups, dtype=np.int64)] = self.alpha0
 
+    def resize(self, n_groups: int) -> None:
+        """A new number of groups: see :func:`resize_rows`."""
+        self.alpha = resize_rows(self.alpha, n_groups, self.alpha0)
+
 
 class ForwardBeliefs:
     """Per-group posterior over the current class: a forward (hidden Markov) filter.
@@ -642,6 +646,26 @@ class ForwardBeliefs:
             self.b[:] = self.prior
         else:
             self.b[np.asarray(groups, dtype=np.int64)] = self.prior
+
+    def resize(self, n_groups: int) -> None:
+        """A new number of groups: see :func:`resize_rows`."""
+        self.b = resize_rows(self.b, n_groups, self.prior)
+
+
+def resize_rows(rows: np.ndarray, n_groups: int, start: np.ndarray) -> np.ndarray:
+    """Per-group state for ``n_groups`` groups (a live change of ``num-groups``).
+
+    Groups that stay keep their state; new ones start at ``start``. Fewer groups never
+    shrink the array: a tick of the previous config still in flight may plan its groups,
+    so the rows past ``n_groups`` are only reset (a group that comes back starts afresh).
+    """
+    n_groups = int(n_groups)
+    if n_groups > rows.shape[0]:
+        grown = np.tile(start, (n_groups, 1))
+        grown[: rows.shape[0]] = rows
+        return grown
+    rows[n_groups:] = start
+    return rows
 
 
 def _likelihood(scores: np.ndarray, score_prior: np.ndarray, strength: float) -> np.ndarray:

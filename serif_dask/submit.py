@@ -113,11 +113,12 @@ def submit_task(
         return _unconfigured(app, group, label, arrival,
                              f"run-changed: {exc}".splitlines()[0][:200], request)
     groups, labels = np.asarray([group], dtype=np.int64), np.asarray([label], dtype=np.int64)
+    version = plugin.version  # the run's config version; the plan says which it used
 
     def miss(outcome: str, reason: str, model: str = "", worker: str = "",
              pi: bytes | None = None) -> dict[str, Any]:
         return _record(missed(app_cfg, -1, groups, arrival, outcome, reason, model, worker,
-                              labels), request, pi)
+                              labels, version=version), request, pi)
 
     scores = np.full((1, app_cfg.k), np.nan)
     if estimator is not None:
@@ -138,12 +139,16 @@ def submit_task(
             reason = str(exc) if str(exc).startswith("run-changed") else f"submit-error: {exc}"
             return miss("failed", reason.splitlines()[0][:200])
         pi = plan["pi"]
+        version = int(plan.get("version", version))
+        if version != plugin.version:
+            config = plugin.ensure_run(run_id, version)
+            app_cfg = _app(config, app)
         if unpack(plan["dropped"], np.int64).size:
             return miss("dropped", plan["drop_reason"], pi=pi)
         if unpack(plan["answered"]["groups"], np.int64).size:  # from the peek, no GPU time
             prediction = unpack(plan["answered"]["prediction"], np.int64)[:1]
             return _record(answered(app_cfg, -1, arrival, time.time(), groups, labels,
-                                    prediction), request, pi)
+                                    prediction, version), request, pi)
         batch = plan["batches"][0]
         profile = next(p for p in app_cfg.model_profiles if p.name == batch["model"])
         # The tick's own score task, with the sample carried inline instead of in a slot.
@@ -153,7 +158,7 @@ def submit_task(
             samples=samples[profile.modality][None],
         )
         future = client.submit(
-            score_task, run_id, app, batch["model"], [group], [read], tick,
+            score_task, run_id, app, batch["model"], [group], [read], tick, None, version,
             key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
             resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)), pure=False,
         )
@@ -161,7 +166,7 @@ def submit_task(
                                time.time() + 2 * app_cfg.sla_latency + GRACE_S)
     if result is None:
         return miss("failed", reason, batch["model"], batch["worker"], pi)
-    chunk, errors = scored(app_cfg, -1, arrival, result)
+    chunk, errors = scored(app_cfg, -1, arrival, result, version)
     if chunk is None:
         return miss("failed", errors.get(group, "model-error"), result["model"],
                     result["worker"], pi)

@@ -53,18 +53,32 @@ def _app(config: SerifConfig, name: str) -> Application:
     raise KeyError(name)
 
 
+#: Readers kept per (app, modality, server): one per config they were opened from, so that
+#: an older version's late read and the newest version's reads do not reopen in turn.
+READERS_KEPT = 2
+
+
 def _reader(plugin: Any, config: SerifConfig, app: str, modality: str, server: str) -> Any:
+    """The reader of (app, modality, server) under ``config``; opened again when a config
+    version changed what it is opened from (the modality, the application, the server or
+    the number of groups)."""
     from serif_dask.readers import get_reader
 
     key = (app, modality, server)
-    reader = plugin.readers.get(key)
-    if reader is None:
-        server_cfg = next((s for s in config.data.servers if s.name == server), None)
-        reader = get_reader(
-            config.modality(modality), _app(config, app), server_cfg,
-            plugin.seed,
-        )
-        plugin.readers[key] = reader
+    app_cfg = _app(config, app)
+    server_cfg = next((s for s in config.data.servers if s.name == server), None)
+    source = (config.modality(modality), app_cfg.model_copy(update={"model_profiles": ()}),
+              server_cfg, config.data.num_groups)
+    with plugin.lock:
+        opened = plugin.readers.setdefault(key, [])
+        for made_from, reader in opened:
+            if made_from == source:
+                return reader
+    reader = get_reader(config.modality(modality), app_cfg, server_cfg, plugin.seed)
+    with plugin.lock:
+        opened = plugin.readers.setdefault(key, [])
+        opened.append((source, reader))
+        del opened[:-READERS_KEPT]
     return reader
 
 
@@ -216,13 +230,13 @@ def _group_reason(reason: object) -> str:
 
 def read_task(
     run_id: str, app: str, modality: str, server: str, groups: list[int], tick: int,
-    peek: bool, share: bool,
+    peek: bool, share: bool, version: int | None = None,
 ) -> ReadResult:
     """Read one sample per group; keep samples for the peek, share them for scoring."""
     from serif_dask import dataplane
 
     plugin = current_plugin()
-    config = plugin.ensure_run(run_id)
+    config = plugin.ensure_run(run_id, version)
     reader = _reader(plugin, config, app, modality, server)
     group_arr = np.asarray(groups, dtype=np.int64)
     shape = config.modality(modality).synthetic_shape
@@ -289,7 +303,7 @@ def fit_task(run_id: str, app: str, modality: str, server: str, n: int = 256) ->
 
 def warm_data_task(
     run_id: str, app: str, server: str, first_group: dict[str, int],
-    estimator: Any = None, peek_modality: str | None = None,
+    estimator: Any = None, peek_modality: str | None = None, version: int | None = None,
 ) -> list[str]:
     """Before the first tick: open this server's readers and peek once.
 
@@ -299,7 +313,7 @@ def warm_data_task(
     steps done.
     """
     plugin = current_plugin()
-    config = plugin.ensure_run(run_id)
+    config = plugin.ensure_run(run_id, version)
     app_cfg = _app(config, app)
     done = []
     for modality, group in first_group.items():
@@ -316,7 +330,8 @@ def warm_data_task(
     return done
 
 
-def warm_models_task(run_id: str) -> list[str]:
+def warm_models_task(run_id: str, version: int | None = None,
+                     only: list[str] | None = None) -> list[str]:
     """Before the first tick: load every real model of the run into this worker's cache
     (as far as ``model-cache-bytes`` allows) and run one forward on zeros.
 
@@ -326,10 +341,11 @@ def warm_models_task(run_id: str) -> list[str]:
     from serif_dask import dataplane
 
     plugin = current_plugin()
-    config = plugin.ensure_run(run_id)
+    config = plugin.ensure_run(run_id, version)
     for app in config.apps:
         for profile in app.model_profiles:
-            if profile.use_profile:
+            if profile.use_profile or (only is not None
+                                       and f"{app.name}/{profile.name}" not in only):
                 continue
             model, _ = dataplane.load_model(plugin, app, profile)
             shape = config.modality(profile.modality).synthetic_shape
@@ -359,13 +375,13 @@ def peek_task(read: ReadResult, estimator: Any, k: int) -> dict[str, Any]:
 
 def score_task(
     run_id: str, app: str, model: str, groups: list[int], reads: list[ReadResult],
-    tick: int, exports: list[dict[int, str]] | None = None,
+    tick: int, exports: list[dict[int, str]] | None = None, version: int | None = None,
 ) -> dict[str, Any]:
     """Run one model over its batch of groups on this (GPU) worker, in profile mode or real."""
     from serif_dask.models.profile import ProfileModel
 
     plugin = current_plugin()
-    config = plugin.ensure_run(run_id)
+    config = plugin.ensure_run(run_id, version)
     app_cfg = _app(config, app)
     profile = next(p for p in app_cfg.model_profiles if p.name == model)
     worker_name = str(plugin.worker.name) if plugin.worker else ""

@@ -96,6 +96,7 @@ class Tick:
         self.driver = driver
         self.client: Client = driver.client
         self.config = driver.config
+        self.version = driver.version  # the config version the tick lives under, to its end
         self.run_id = driver.run_id
         self.app, self.tick = app, tick
         self.arrival = arrival  # wall time the samples were taken
@@ -103,7 +104,7 @@ class Tick:
         self.plan_round, self.member = plan_round, member
         groups = np.arange(self.config.data.num_groups, dtype=np.int64)
         self.ledger = TickLedger(app, tick, arrival, groups, driver.log,
-                                 driver.options.on_records)
+                                 driver.options.on_records, version=self.version)
         self.graph = _Graph()
         #: seconds this tick spent per step (read, peek, plan, score), for the summary
         self.times: dict[str, float] = {}
@@ -232,7 +233,8 @@ class Tick:
                 graph.input_code[mod][owned] = graph.nodes.index(worker["host_node"])
                 fut = self.client.submit(
                     read_task, self.run_id, app.name, mod, server, owned.tolist(), self.tick,
-                    mod == peek_mod, shared[mod], key=self._key("read", server, mod),
+                    mod == peek_mod, shared[mod], self.version,
+                    key=self._key("read", server, mod),
                     workers=[worker["address"]], allow_other_workers=False, pure=False,
                 )
                 graph.futures.append(fut)
@@ -364,7 +366,7 @@ class Tick:
             assert labels is not None
             self.ledger.record(answered(
                 self.app, self.tick, self.arrival, finish, groups, labels[groups],
-                unpack(reply["prediction"], np.int64)))
+                unpack(reply["prediction"], np.int64), self.version))
 
     # -- scoring -----------------------------------------------------------------------
     def _exports(self, modality: str, batch: dict[str, Any]) -> list[Future]:
@@ -396,7 +398,7 @@ class Tick:
             reads = graph.reads[profile.modality]
             fut = self.client.submit(
                 score_task, self.run_id, app.name, batch["model"], batch["groups"],
-                [f for _, f in reads], self.tick, exports,
+                [f for _, f in reads], self.tick, exports, self.version,
                 key=batch["key"], workers=[batch["worker"]], allow_other_workers=False,
                 resources={"GPU": 1}, priority=int(round(batch["priority"] * 1000)),
                 pure=False,
@@ -418,7 +420,7 @@ class Tick:
             app=self.app.name, tick=self.tick, groups=pack(groups, np.int64),
             arrival=float(self.logical), scores=None, input_node=self._input_nodes(groups),
             now=max(now, self.logical + PIPELINE_S), started=self.driver.started,
-            attempt=graph.attempt, run_id=self.run_id,
+            attempt=graph.attempt, run_id=self.run_id, version=self.version,
         )
         self.driver.stats.decision_ms.append(plan["decision_ms"])
         return plan

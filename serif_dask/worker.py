@@ -152,8 +152,14 @@ class SerifWorkerPlugin(WorkerPlugin):
         self.worker: Worker | None = None
         self.node = node_name()
         self.run_id: str | None = None
-        self.config: SerifConfig | None = None
-        self.readers: dict[tuple[str, str, str], Any] = {}
+        self.config: SerifConfig | None = None  # the newest version of the run installed
+        self.version = 0  # its number (1: the run's start; live reconfiguration adds more)
+        #: The run's config versions installed here: in-flight tasks of an older version
+        #: finish under the config they started with.
+        self.configs: OrderedDict[int, SerifConfig] = OrderedDict()
+        #: (app, modality, server) -> [(what the reader was opened from, reader)], newest
+        #: last: a version that changes a reader's config opens a new one.
+        self.readers: dict[tuple[str, str, str], list[tuple[Any, Any]]] = {}
         self.models = ModelCache()
         self.inputs = LocalInputs()
         self.shm: dict[str, Any] = {}  # modality -> ShmCache this worker owns
@@ -189,6 +195,8 @@ class SerifWorkerPlugin(WorkerPlugin):
         from serif_dask import datapath
 
         self.readers.clear()
+        self.configs.clear()
+        self.version = 0
         self.inputs.clear()
         for cache in self.shm.values():
             try:
@@ -205,7 +213,8 @@ class SerifWorkerPlugin(WorkerPlugin):
         self.redis = None
 
     def describe(self) -> dict[str, Any]:
-        return {"node": self.node, "warm": self.models.names(), "run_id": self.run_id}
+        return {"node": self.node, "warm": self.models.names(), "run_id": self.run_id,
+                "version": self.version}
 
     async def prepare(self, run_id: str) -> None:
         """Pull a new run's config and import torch ahead of the first tick (off the loop).
@@ -253,24 +262,34 @@ class SerifWorkerPlugin(WorkerPlugin):
                                    exc_info=True)
 
     # -- called from task threads -------------------------------------------------------
-    def ensure_run(self, run_id: str) -> SerifConfig:
-        """Return the config of ``run_id``, pulling it from the scheduler on first use."""
+    def ensure_run(self, run_id: str, version: int | None = None) -> SerifConfig:
+        """The config of ``run_id`` (of its ``version``; None: the newest installed here),
+        pulled from the scheduler on first use."""
         with self.lock:
             if self.run_id == run_id and self.config is not None:
-                return self.config
+                if version is None:
+                    return self.config
+                if version in self.configs:
+                    return self.configs[version]
             assert self.worker is not None
-            reply = sync(self.worker.loop, self.worker.scheduler.serif_get_config, run_id=run_id)
+            reply = sync(self.worker.loop, self.worker.scheduler.serif_get_config,
+                         run_id=run_id, version=version)
             if reply.get("config") is None:
-                raise RuntimeError(f"serif: run {run_id} is not configured on the scheduler")
+                what = f"run {run_id}" if version is None else f"version {version} of run {run_id}"
+                raise RuntimeError(f"serif: {what} is not configured on the scheduler")
             return self._install_run(run_id, reply)
 
     def _install_run(self, run_id: str, reply: dict[str, Any]) -> SerifConfig:
+        version = int(reply.get("version") or 1)
         with self.lock:
-            if self.run_id == run_id and self.config is not None:
-                return self.config
+            if self.run_id == run_id and version in self.configs:
+                return self.configs[version]
             config: SerifConfig = loads(reply["config"])
+            if self.run_id == run_id and self.config is not None:
+                return self._install_version(version, config)
             self._end_run()
-            self.config, self.run_id = config, run_id
+            self.config, self.run_id, self.version = config, run_id, version
+            self.configs[version] = config
             self.seed = int(reply["seed"])
             self.redis_info = reply.get("redis")
             capacity = None
@@ -281,6 +300,33 @@ class SerifWorkerPlugin(WorkerPlugin):
             # A read's peek comes within 2 × sla of it, or its tick gave up on it.
             self.inputs.max_age_s = 2 * max(a.sla_latency for a in config.apps) + 30.0
             return config
+
+    def _install_version(self, version: int, config: SerifConfig) -> SerifConfig:
+        """Another config version of the current run (live reconfiguration).
+
+        Models loaded from something else under it (weights, Redis key, class), or that it
+        removed, are dropped from the cache and reported cold; readers are reopened on
+        first use under a changed config (:func:`serif_dask.tasks._reader`). Nothing else
+        of the run is reset: inputs in shared memory and in-flight tasks of the older
+        version carry on.
+        """
+        self.configs[version] = config
+        while len(self.configs) > CONFIGS_KEPT:
+            self.configs.popitem(last=False)
+        if version < self.version:
+            return config  # a late task of an older version: the newest stays in force
+        old, self.config, self.version = self.config, config, version
+        if old is not None:
+            cold = [name for name in self.models.names()
+                    if _profile(old, name) != _profile(config, name)]
+            for name in cold:
+                self.models.discard(name)
+            if cold:
+                logger.info("serif: version %d drops models %s", version, ", ".join(cold))
+                self.report_warm(cold=cold)
+        self.inputs.max_age_s = max(self.inputs.max_age_s,
+                                    2 * max(a.sla_latency for a in config.apps) + 30.0)
+        return config
 
     def report_warm(self, cold: list[str] | tuple[str, ...] = ()) -> None:
         """Tell the scheduler plugin which models are warm here and which went cold
@@ -300,6 +346,21 @@ class SerifWorkerPlugin(WorkerPlugin):
                 logger.debug("serif: could not report warm models", exc_info=True)
 
         worker.loop.add_callback(_send)
+
+
+#: Config versions of a run a worker keeps (a task of an older one pulls it again).
+CONFIGS_KEPT = 4
+
+
+def _profile(config: SerifConfig, cache_name: str) -> Any:
+    """What a cached model (``app/model``) was loaded from under ``config`` (None: the
+    config has no such model): a change of it makes the cached one stale."""
+    app, _, model = cache_name.partition("/")
+    try:
+        profile = config.model(app, model)
+    except KeyError:
+        return None
+    return (profile.use_profile, profile.weights, profile.redis_key, profile.impl)
 
 
 def current_plugin() -> SerifWorkerPlugin:

@@ -21,7 +21,7 @@ SUMMARY_KEYS = {
 }
 RECORD_KEYS = {
     "app", "group", "tick", "model", "worker", "arrival", "finish", "latency",
-    "prediction", "label", "utility", "outcome", "reason",
+    "prediction", "label", "utility", "outcome", "reason", "version",
 }
 
 
@@ -29,8 +29,10 @@ def check_summary(summary: dict, records: list[dict] | None = None) -> None:
     assert set(summary) >= SUMMARY_KEYS
     assert set(summary["latency_ms"]) == {"p50", "p95", "p99"}
     assert set(summary["decision_ms"]) == {"p50", "max"}
-    for s in [summary, *summary["per_app"].values()]:
+    for s in [summary, *summary["per_app"].values(), *summary.get("per_version", {}).values()]:
         assert s["requests"] == s["completed"] + s["dropped"] + s["failed"]
+    if "per_version" in summary:  # every request under exactly one config version
+        assert sum(v["requests"] for v in summary["per_version"].values()) == summary["requests"]
     if records is not None:
         assert len(records) == summary["requests"]
         for rec in records:
@@ -42,6 +44,8 @@ def check_summary(summary: dict, records: list[dict] | None = None) -> None:
         assert abs(utility - summary["utility"]) < 1e-6 * max(1.0, abs(utility))
         keys = {(r["app"], r["group"], r["tick"]) for r in records}
         assert len(keys) == len(records), "a request was recorded twice"
+        for version, part in summary.get("per_version", {}).items():
+            assert sum(r["version"] == int(version) for r in records) == part["requests"]
 
 
 def read_records(path: Path) -> list[dict]:

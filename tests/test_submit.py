@@ -16,7 +16,7 @@ from tests.conftest import HOSPITAL, ROOT
 
 DIGITS = ROOT / "configs" / "digits"
 FIELDS = {"app", "group", "tick", "model", "worker", "arrival", "finish", "latency",
-          "prediction", "label", "utility", "outcome", "reason"}
+          "prediction", "label", "utility", "outcome", "reason", "version"}
 
 
 @pytest.fixture(scope="module")
