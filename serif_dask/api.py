@@ -31,8 +31,8 @@ from serif_dask.records import Rotation
 from serif_dask.scheduler import install as install_scheduler_plugin
 from serif_dask.service import keep_task_groups
 from serif_dask.submit import check_request, submit_task
-from serif_dask.worker import SerifWorkerPlugin
 from serif_dask.waiting import settled
+from serif_dask.worker import SerifWorkerPlugin
 
 logger = logging.getLogger("serif_dask")
 
