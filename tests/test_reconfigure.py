@@ -7,6 +7,7 @@ LocalCluster with worker processes, and the Python API on one.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,28 @@ def edited(tmp: Path, name: str, **edits: Any) -> Path:
         edit(doc)
         path.write_text(json.dumps(doc))
     return target
+
+
+@contextlib.contextmanager
+def live_run(tmp_path: Path, config: Path, policy: str
+             ) -> Iterator[tuple[subprocess.Popen, Path, Path, Path]]:
+    """``serif-dask run CONFIG --duration 0`` with a scheduler file, summary and records;
+    yields (process, summary, records, scheduler file); killed on the way out if the test
+    did not stop it."""
+    out, rec, sched = tmp_path / "s.json", tmp_path / "r.jsonl", tmp_path / "scheduler.json"
+    with (tmp_path / "run.log").open("w") as log:
+        proc = subprocess.Popen(
+            serif_cmd("run", str(config), "--duration", "0", "--policy", policy,
+                      "--scheduler-file", str(sched), "--json", str(out), "--records",
+                      str(rec), "--quiet"),
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            yield proc, out, rec, sched
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def new_model(doc: dict) -> None:
@@ -116,15 +140,7 @@ def check_versions(records: list[dict], summary: dict, groups: dict[int, int]) -
 def test_cli_reconfigures_a_live_run(tmp_path: Path) -> None:
     """Policy, SLA, a new model and num-groups change mid-run; four bad changes are
     refused in one line each and change nothing."""
-    out, rec, sched = tmp_path / "s.json", tmp_path / "r.jsonl", tmp_path / "scheduler.json"
-    log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen(
-        serif_cmd("run", str(HOSPITAL), "--duration", "0", "--policy", "fastest",
-                  "--scheduler-file", str(sched), "--json", str(out), "--records", str(rec),
-                  "--quiet"),
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
+    with live_run(tmp_path, HOSPITAL, "fastest") as (proc, out, rec, sched):
         wait_for("the first records", lambda: versions_in(rec), proc)
         at = ["--scheduler-file", str(sched)]
 
@@ -188,11 +204,6 @@ def test_cli_reconfigures_a_live_run(tmp_path: Path) -> None:
             if '"falldetection"' in line and '"version": 3' in line) >= 2 * 48, proc)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     assert proc.returncode == 130, (tmp_path / "run.log").read_text()[-3000:]
     assert not sched.exists(), "the scheduler file outlived its run"
     summary = json.loads(out.read_text())
@@ -218,15 +229,7 @@ def test_reconfigure_pushes_a_new_real_models_weights(tmp_path: Path) -> None:
     doc["applications"][0]["model-profiles"] = [
         m for m in doc["applications"][0]["model-profiles"] if m["name"] != "digits-cnn"]
     app_file.write_text(json.dumps(doc))
-    out, rec, sched = tmp_path / "s.json", tmp_path / "r.jsonl", tmp_path / "scheduler.json"
-    log = (tmp_path / "run.log").open("w")
-    proc = subprocess.Popen(
-        serif_cmd("run", str(config), "--duration", "0", "--policy", "most-accurate",
-                  "--scheduler-file", str(sched), "--json", str(out), "--records", str(rec),
-                  "--quiet"),
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
+    with live_run(tmp_path, config, "most-accurate") as (proc, out, rec, sched):
         wait_for("the first records", lambda: versions_in(rec), proc)
         app_file.write_text(full)  # the CNN is back
         two = run_cli("reconfigure", "--scheduler-file", str(sched), str(config))
@@ -239,11 +242,6 @@ def test_reconfigure_pushes_a_new_real_models_weights(tmp_path: Path) -> None:
             for line in rec.read_text().splitlines()), proc)
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
     assert proc.returncode == 130, (tmp_path / "run.log").read_text()[-3000:]
     summary = json.loads(out.read_text())
     records = read_records(rec)
