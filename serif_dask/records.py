@@ -296,6 +296,9 @@ class RecordLog:
     per_app: dict[str, Tally] = field(default_factory=dict)
     per_version: dict[int, Tally] = field(default_factory=dict)
     rotations: int = 0
+    #: Set by :meth:`open` on the caller's thread; ``_file`` belongs to the writer thread,
+    #: which closes and reopens it while rotating, so only this says whether to write.
+    _writing: bool = False
     _file: IO[str] | None = None
     _opened: float = 0.0
     #: One thread writes the file, in order: JSON encoding and disk I/O stay off the event
@@ -305,6 +308,11 @@ class RecordLog:
     _write_error: BaseException | None = None  # the first, raised by drain()
 
     def open(self) -> None:
+        if self.path is not None and not self._writing:
+            self._open_file()
+            self._writing = True
+
+    def _open_file(self) -> None:
         if self.path is not None and self._file is None:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.fchmod(fd, 0o600)  # also when the file was there before, with looser modes
@@ -322,7 +330,7 @@ class RecordLog:
         self.totals.add(chunk)
         self.per_app.setdefault(chunk.app, Tally()).add(chunk)
         self.per_version.setdefault(chunk.version, Tally()).add(chunk)
-        if self._file is not None:
+        if self._writing:
             if self._writer is None:
                 self._writer = ThreadPoolExecutor(1, thread_name_prefix="serif-records")
             self._last_write = self._writer.submit(self._write, chunk)
@@ -334,7 +342,7 @@ class RecordLog:
             self._file.write("".join(json.dumps(row) + "\n" for row in chunk.rows()))
             if self.rotation is not None and self.rotation.due(
                     self._file.tell(), time.monotonic() - self._opened):
-                self.rotate()
+                self._rotate()
         except BaseException as exc:  # a full disk: the tallies stay right, drain() says so
             self._write_error = exc
 
@@ -346,8 +354,9 @@ class RecordLog:
         if self._write_error is not None:
             raise self._write_error
 
-    def rotate(self) -> None:
-        """Close the file, shift the rotated ones by one (dropping the oldest), reopen."""
+    def _rotate(self) -> None:
+        """On the writer thread: close the file, shift the rotated ones by one (dropping the
+        oldest), reopen."""
         if self.path is None or self._file is None or self.rotation is None:
             return
         self._close_file()
@@ -360,7 +369,7 @@ class RecordLog:
                 if newer.exists():
                     newer.rename(older)
         self.rotations += 1
-        self.open()
+        self._open_file()
 
     def flush(self) -> None:
         if self._writer is not None:
@@ -373,6 +382,7 @@ class RecordLog:
             self._file.flush()
 
     def close(self) -> None:
+        self._writing = False
         try:
             self.drain()
         finally:

@@ -81,6 +81,20 @@ def test_records_rotate_by_size_and_keep_only_the_newest(tmp_path: Path) -> None
     assert log.totals.requests == 200  # the summary counts every record, rotated or not
 
 
+def test_records_added_while_the_writer_rotates_are_all_written(tmp_path: Path) -> None:
+    # Rotating after every chunk keeps the writer thread busy closing and reopening files
+    # while the caller adds the next chunks: none may be skipped for it.
+    path = tmp_path / "r.jsonl"
+    log = RecordLog(path, Rotation(max_bytes=1, keep=400))
+    log.open()
+    for tick in range(300):
+        log.add(_chunk(3, tick))
+    log.close()
+    ticks = [json.loads(line)["tick"] for p in reversed(rotated_paths(path, 400))
+             if p.exists() for line in p.read_text().splitlines()]
+    assert ticks == [t for t in range(300) for _ in range(3)]
+
+
 def test_records_rotate_by_age(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
     log = RecordLog(path, Rotation(every_s=0.05, keep=0))
