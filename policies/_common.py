@@ -258,25 +258,35 @@ class Planner:
             if pending.size == 0:
                 break
             open_ = self.open_mask()
-            base = self.base()
-            first = self.p.now + base + self.infer  # (M, W)
-            fetch = self.fetch[self.source[pending]] if self.cache_aware else 0.0
-            fin = first[None, :, :] + fetch
-            f = timeliness(fin - self.arrival[pending, None, None], self.sla[pending, None, None])
+            first = self.p.now + self.base() + self.infer  # (M, W)
+            source = self.source[pending] if self.cache_aware else np.zeros(pending.size, int)
+            fetch = self.fetch if self.cache_aware else np.zeros((1, *first.shape))
+            # Timeliness only falls with the finish time, so a request's best worker for m
+            # is its earliest finish (its latest, where eu < 0): one (S, M) table per
+            # placement instead of timeliness over every (request, model, worker).
+            fin = first[None, :, :] + fetch  # (S, M, W)
+            early = np.where(open_[None], fin, np.inf).min(axis=2)
+            late = np.where(open_[None], fin, -np.inf).max(axis=2)
             eu = self.eu[pending]
-            ok = open_[None] & np.isfinite(eu)[:, :, None]
-            u = np.where(ok, f * np.where(np.isfinite(eu), eu, 0.0)[:, :, None], -np.inf)
-            best_m = u.max(axis=2)  # (n, M)
+            usable = np.isfinite(eu) & open_.any(axis=1)[None, :]
+            at = np.where(eu < 0, late[source], early[source])  # (n, M)
+            f = timeliness(np.where(usable, at, 0.0) - self.arrival[pending, None],
+                           self.sla[pending, None])
+            best_m = np.where(usable, f * np.where(usable, eu, 0.0), -np.inf)  # (n, M)
             net = best_m - price * np.where(np.isfinite(cost), cost, 0.0)[None, :]
             earns = net > self.miss[pending, None] + MIN_GAIN
             hopeful = earns.any(axis=1)
             net = np.where(earns, net, -np.inf)
             m_choice = net.argmax(axis=1)
-            w_choice = u[np.arange(pending.size), m_choice].argmax(axis=1)
             if not hopeful.any():
                 break
             placed_any = False
-            cand, mc, wc = pending[hopeful], m_choice[hopeful], w_choice[hopeful]
+            cand, mc = pending[hopeful], m_choice[hopeful]
+            # Each hopeful request's best worker for its model (the first, among equals).
+            fin_w = fin[source[hopeful], mc]  # (h, W)
+            f_w = timeliness(fin_w - self.arrival[cand, None], self.sla[cand, None])
+            u_w = np.where(open_[mc], f_w * self.eu[cand, mc][:, None], -np.inf)
+            wc = u_w.argmax(axis=1)
             for m in np.unique(mc):
                 sel = mc == m
                 earns_here = self._earns_at(price * float(cost[m]) if price else 0.0)

@@ -48,35 +48,21 @@ class SneakPeekPolicy:
         what more cluster time would have been worth (0 when it was not scarce).
         """
         n = order.size
-        ok = servable(problem)[order]
-        gain = np.where(ok, planner.eu[order], -np.inf) - planner.miss[order, None]
         cost = planner.pooled_cost()
-        useful = np.isfinite(gain) & (gain > MIN_GAIN) & np.isfinite(cost)[None, :]
-        # Hull walk, one vectorised step per model at most.
-        cur = np.full(n, -1)
-        cur_cost, cur_gain = np.zeros(n), np.zeros(n)
-        steps: list[tuple[np.ndarray, ...]] = []
-        rows = np.arange(n)
-        for k in range(gain.shape[1]):
-            d_cost = cost[None, :] - cur_cost[:, None]
-            d_gain = gain - cur_gain[:, None]
-            cand = useful & (d_cost > 0) & (d_gain > 0)
-            slope = np.where(cand, d_gain / np.where(cand, d_cost, 1.0), -np.inf)
-            best = slope.argmax(axis=1)
-            moves = np.isfinite(slope[rows, best])
-            if not moves.any():
-                break
-            r, m = rows[moves], best[moves]
-            steps.append((r, m, d_cost[r, m], slope[r, m], np.full(r.size, k)))
-            cur[r], cur_cost[r], cur_gain[r] = m, cost[m], gain[r, m]
+        r, m, d_cost, slope, k = self._hull_upgrades(problem, planner, order, cost)
         choice = np.full(n, -1)
-        if not steps:
+        if r.size == 0:
             return choice, choice >= 0, 0.0
-        r, m, d_cost, slope, k = (np.concatenate(x) for x in zip(*steps, strict=True))
         # Best ratio first; equal ratios (identical requests, as without SneakPeek) in an
-        # order drawn from the tick's seeded generator, so no group is always favoured.
+        # order drawn from the tick's seeded generator, so no group is always favoured,
+        # and a request's own upgrades in hull order. (tie, k) is unique per upgrade, so
+        # ordering by it with a scatter, then a stable sort by ratio, is one lexsort.
         tie = problem.rng.permutation(n)[r]
-        by_value = np.lexsort((k, tie, -slope))
+        n_steps = int(k.max()) + 1
+        slot = np.full(n * n_steps, -1)
+        slot[tie * n_steps + k] = np.arange(r.size)
+        by_tie = slot[slot >= 0]
+        by_value = by_tie[np.argsort(-slope[by_tie], kind="stable")]
         r, m, d_cost, slope, k = (x[by_value] for x in (r, m, d_cost, slope, k))
         # Fluid capacity: the pooled seconds every worker has left before each deadline.
         n_workers = max(planner.infer.shape[1], 1)
@@ -119,6 +105,52 @@ class SneakPeekPolicy:
         rejected = np.flatnonzero(~keep)
         price = float(slope[rejected[0]]) if rejected.size else 0.0
         return choice, choice >= 0, price
+
+    @staticmethod
+    def _hull_upgrades(problem: PlanProblem, planner: Planner, order: np.ndarray,
+                       cost: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Every request's upgrades along the upper convex hull of its (cost, gain) options.
+
+        Returns (row in ``order``, model, added cost, gain per second, step) per upgrade.
+        Requests are walked per application over the models they can use, and only those
+        still climbing take part in the next step, so the work follows the options that
+        exist rather than requests × all models.
+        """
+        ok = servable(problem)[order]
+        eu = planner.eu[order]
+        miss = planner.miss[order]
+        apps = np.asarray(problem.app)[order]
+        steps: list[tuple[np.ndarray, ...]] = []
+        for a in np.unique(apps):
+            rows = np.flatnonzero(apps == a)
+            cols = np.flatnonzero(ok[rows].any(axis=0) & np.isfinite(cost))
+            if cols.size == 0:
+                continue
+            gain = np.where(ok[np.ix_(rows, cols)], eu[np.ix_(rows, cols)], -np.inf)
+            gain -= miss[rows, None]
+            c = cost[cols]
+            useful = np.isfinite(gain) & (gain > MIN_GAIN)
+            cur_cost, cur_gain = np.zeros(rows.size), np.zeros(rows.size)
+            active = np.arange(rows.size)
+            for k in range(cols.size):
+                d_cost = c[None, :] - cur_cost[active, None]
+                d_gain = gain[active] - cur_gain[active, None]
+                cand = useful[active] & (d_cost > 0) & (d_gain > 0)
+                slope = np.where(cand, d_gain / np.where(cand, d_cost, 1.0), -np.inf)
+                best = slope.argmax(axis=1)
+                top = slope[np.arange(active.size), best]
+                moves = np.isfinite(top)
+                if not moves.any():
+                    break
+                up, to = active[moves], best[moves]
+                steps.append((rows[up], cols[to], d_cost[moves, to], top[moves],
+                              np.full(up.size, k)))
+                cur_cost[up], cur_gain[up] = c[to], gain[up, to]
+                active = up
+        if not steps:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, np.zeros(0), np.zeros(0), empty
+        return tuple(np.concatenate(x) for x in zip(*steps, strict=True))
 
     def __call__(self, problem: PlanProblem) -> Plan:
         planner = Planner(problem, cache_aware=True)

@@ -327,8 +327,9 @@ def simulate(config: SerifConfig, load: SimulatedLoad, policy: str, *,
     input_node = {}
     for app in config.apps:
         for mod in {p.modality for p in app.model_profiles}:
-            owners = config.data.reader_indices(mod)
-            input_node[mod] = np.asarray(config.server_names, dtype=object)[owners]
+            # As the driver sends them (serif_dask.wire): server names, a code per group.
+            owners = np.asarray(config.data.reader_indices(mod), dtype=np.int64)
+            input_node[mod] = (np.asarray(config.server_names, dtype=object), owners)
     tallies = {app.name: _Tally() for app in config.apps}
     slack = SLACK_SLA_FRACTION * min(app.sla_latency for app in config.apps)
     finishes: list[dict[str, float]] = [{} for _ in states]  # key -> real finish
