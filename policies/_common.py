@@ -242,6 +242,30 @@ class Planner:
     def _meets(self, idx, m, w, finish) -> np.ndarray:
         return finish <= self.deadline[idx] + 1e-9
 
+    def best_finish_value(self, idx: np.ndarray):
+        """Each request's best expected realised utility per model, appended now anywhere.
+
+        Returns (value (n, M): -inf where m cannot take it, fin (S, M, W): the finish of
+        one more request of each placement on each (m, w), source (n,), open (M, W)).
+        Timeliness only falls with the finish time, so a request's best worker for m is its
+        earliest finish (its latest, where eu < 0): one (S, M) table per placement instead
+        of timeliness over every (request, model, worker).
+        """
+        open_ = self.open_mask()
+        first = self.p.now + self.base() + self.infer  # (M, W)
+        source = self.source[idx] if self.cache_aware else np.zeros(idx.size, dtype=np.int64)
+        fetch = self.fetch if self.cache_aware else np.zeros((1, *first.shape))
+        fin = first[None, :, :] + fetch  # (S, M, W)
+        early = np.where(open_[None], fin, np.inf).min(axis=2)
+        late = np.where(open_[None], fin, -np.inf).max(axis=2)
+        eu = self.eu[idx]
+        usable = np.isfinite(eu) & open_.any(axis=1)[None, :]
+        at = np.where(eu < 0, late[source], early[source])  # (n, M)
+        f = timeliness(np.where(usable, at, 0.0) - self.arrival[idx, None],
+                       self.sla[idx, None])
+        value = np.where(usable, f * np.where(usable, eu, 0.0), -np.inf)
+        return value, fin, source, open_
+
     def best_effort(self, idx: np.ndarray, price: float = 0.0) -> np.ndarray:
         """Serve what can still earn more than a drop; drop the rest (the fallback).
 
@@ -257,22 +281,7 @@ class Planner:
         for _ in range(MAX_FALLBACK_ROUNDS):
             if pending.size == 0:
                 break
-            open_ = self.open_mask()
-            first = self.p.now + self.base() + self.infer  # (M, W)
-            source = self.source[pending] if self.cache_aware else np.zeros(pending.size, int)
-            fetch = self.fetch if self.cache_aware else np.zeros((1, *first.shape))
-            # Timeliness only falls with the finish time, so a request's best worker for m
-            # is its earliest finish (its latest, where eu < 0): one (S, M) table per
-            # placement instead of timeliness over every (request, model, worker).
-            fin = first[None, :, :] + fetch  # (S, M, W)
-            early = np.where(open_[None], fin, np.inf).min(axis=2)
-            late = np.where(open_[None], fin, -np.inf).max(axis=2)
-            eu = self.eu[pending]
-            usable = np.isfinite(eu) & open_.any(axis=1)[None, :]
-            at = np.where(eu < 0, late[source], early[source])  # (n, M)
-            f = timeliness(np.where(usable, at, 0.0) - self.arrival[pending, None],
-                           self.sla[pending, None])
-            best_m = np.where(usable, f * np.where(usable, eu, 0.0), -np.inf)  # (n, M)
+            best_m, fin, source, open_ = self.best_finish_value(pending)
             net = best_m - price * np.where(np.isfinite(cost), cost, 0.0)[None, :]
             earns = net > self.miss[pending, None] + MIN_GAIN
             hopeful = earns.any(axis=1)

@@ -264,3 +264,32 @@ def test_sneakpeek_model_mix_is_near_the_knapsack_optimum(aware: bool) -> None:
     # Neither everything cheap nor everything accurate: a genuine mix fills the budget.
     assert len(set(choice[served].tolist())) >= 2
     assert used >= 1.0 - cost.max() - 1e-9
+
+
+@pytest.mark.parametrize("cache_aware", [True, False])
+@pytest.mark.parametrize("seed", range(6))
+def test_best_finish_value_is_the_best_over_every_worker(cache_aware: bool, seed: int) -> None:
+    # The planner prices a request's best worker for each model from the earliest (or, for a
+    # negative expected utility, the latest) finish; brute force over every worker agrees,
+    # also once part of the plan is committed (tails, open and closed batches).
+    from serif_dask.policies._common import Planner, always
+
+    rng = np.random.default_rng(seed)
+    p = make_problem(300, n_ticks=3, seed=seed, load=3.0)
+    p = dataclasses.replace(p, eu=p.eu - rng.uniform(0, 0.6, (p.n_requests, 1)))  # some < 0
+    planner = Planner(p, cache_aware=cache_aware)
+    first = rng.choice(p.n_requests, 40, replace=False)
+    for m in np.unique(np.flatnonzero(planner.feasible.any(axis=1))[:2]):
+        planner.place(first[first % 2 == m % 2], planner.model_worker_rows(int(m)), always)
+    idx = np.setdiff1d(np.arange(p.n_requests), first)
+    value, *_ = planner.best_finish_value(idx)
+    open_ = planner.open_mask()
+    start = p.now + planner.base() + planner.infer
+    fetch = planner.fetch[planner.source[idx]] if cache_aware else 0.0
+    f = timeliness(start[None] + fetch - planner.arrival[idx, None, None],
+                   planner.sla[idx, None, None])
+    eu = planner.eu[idx]
+    ok = open_[None] & np.isfinite(eu)[:, :, None]
+    brute = np.where(ok, f * np.where(np.isfinite(eu), eu, 0.0)[:, :, None], -np.inf).max(axis=2)
+    assert (np.isfinite(eu) & (eu < 0)).any() and (~np.isfinite(brute)).any()
+    np.testing.assert_array_equal(value, brute)
