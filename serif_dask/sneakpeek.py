@@ -629,9 +629,21 @@ class ForwardBeliefs:
         scores = np.asarray(scores, dtype=np.float64).reshape(groups.size, self.k)
         if groups.size == 0:
             return
+        good = np.isfinite(scores).all(axis=1)
+        if groups.size == 1 or bool(np.all(groups[1:] > groups[:-1])):
+            # A tick lists each group once, in order: plain indexing, no sort, no ufunc.at
+            # (the same arithmetic, ten times faster at 100,000 groups).
+            b = self.persistence * self.b[groups] + (1.0 - self.persistence) * self.prior
+            if good.all():
+                b *= self.likelihood(scores)
+                b /= _row_sum(b)
+            elif good.any():
+                b[good] *= self.likelihood(scores[good])
+                b[good] /= b[good].sum(axis=1, keepdims=True)
+            self.b[groups] = b
+            return
         seen = np.unique(groups)
         self.b[seen] = self.persistence * self.b[seen] + (1.0 - self.persistence) * self.prior
-        good = np.isfinite(scores).all(axis=1)
         if good.any():
             np.multiply.at(self.b, groups[good], self.likelihood(scores[good]))
             touched = np.unique(groups[good])
@@ -668,10 +680,33 @@ def resize_rows(rows: np.ndarray, n_groups: int, start: np.ndarray) -> np.ndarra
     return rows
 
 
+def _row_max(a: np.ndarray) -> np.ndarray:
+    """``a.max(axis=1, keepdims=True)``; column by column for few classes, where numpy's
+    reduction along a short axis is twenty times slower (beliefs have a row per group)."""
+    if a.shape[1] > 7:
+        return a.max(axis=1, keepdims=True)
+    out = a[:, 0].copy()
+    for k in range(1, a.shape[1]):
+        np.maximum(out, a[:, k], out=out)
+    return out[:, None]
+
+
+def _row_sum(a: np.ndarray) -> np.ndarray:
+    """``a.sum(axis=1, keepdims=True)``, bit for bit (numpy adds fewer than 8 in order)."""
+    if a.shape[1] > 7:
+        return a.sum(axis=1, keepdims=True)
+    out = a[:, 0].copy()
+    for k in range(1, a.shape[1]):
+        out += a[:, k]
+    return out[:, None]
+
+
 def _likelihood(scores: np.ndarray, score_prior: np.ndarray, strength: float) -> np.ndarray:
     ratio = np.clip(np.asarray(scores, dtype=np.float64), 1e-12, None) / score_prior
+    if strength == 1.0:  # the default: no log and exp per (group, class)
+        return ratio / _row_max(ratio)
     log_l = strength * np.log(ratio)
-    return np.exp(log_l - log_l.max(axis=1, keepdims=True))
+    return np.exp(log_l - _row_max(log_l))
 
 
 def single_look(
@@ -684,6 +719,9 @@ def single_look(
     score_prior = prior if score_prior is None else _normalise_prior(score_prior)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1, prior.size)
     good = np.isfinite(scores).all(axis=1)
+    if good.all():
+        post = prior * _likelihood(scores, score_prior, strength)
+        return post / _row_sum(post)
     out = np.tile(prior, (scores.shape[0], 1))
     if good.any():
         post = prior * _likelihood(scores[good], score_prior, strength)
