@@ -27,6 +27,7 @@ from serif_dask.policies._common import (
     Planner,
     cohorts_by_key,
     servable,
+    stable_argsort,
 )
 
 __all__ = ["SneakPeekPolicy", "sneakpeek"]
@@ -62,7 +63,7 @@ class SneakPeekPolicy:
         slot = np.full(n * n_steps, -1)
         slot[tie * n_steps + k] = np.arange(r.size)
         by_tie = slot[slot >= 0]
-        by_value = by_tie[np.argsort(-slope[by_tie], kind="stable")]
+        by_value = by_tie[stable_argsort(-slope[by_tie])]
         r, m, d_cost, slope, k = (x[by_value] for x in (r, m, d_cost, slope, k))
         # Fluid capacity: the pooled seconds every worker has left before each deadline.
         n_workers = max(planner.infer.shape[1], 1)

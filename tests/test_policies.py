@@ -293,3 +293,16 @@ def test_best_finish_value_is_the_best_over_every_worker(cache_aware: bool, seed
     brute = np.where(ok, f * np.where(np.isfinite(eu), eu, 0.0)[:, :, None], -np.inf).max(axis=2)
     assert (np.isfinite(eu) & (eu < 0)).any() and (~np.isfinite(brute)).any()
     np.testing.assert_array_equal(value, brute)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "few values", "rounded", "empty", "one"])
+def test_stable_argsort_equals_numpy_stable(kind: str) -> None:
+    from serif_dask.policies._common import stable_argsort
+
+    rng = np.random.default_rng(len(kind))
+    n = {"empty": 0, "one": 1}.get(kind, 5000)
+    values = {
+        "few values": rng.integers(0, 5, n).astype(float),
+        "rounded": np.round(rng.random(n), 2),
+    }.get(kind, rng.random(n))
+    np.testing.assert_array_equal(stable_argsort(values), np.argsort(values, kind="stable"))
