@@ -82,8 +82,10 @@ class SneakPeekPolicy:
         for _ in range(cohorts.size):
             idx = np.flatnonzero(keep)
             spend = d_cost[idx].copy()
-            _, first = np.unique(m[idx], return_index=True)
-            spend[first] += first_switch[m[idx][first]] / n_workers
+            m_idx = m[idx]  # each model's first upgrade pays its switch
+            first = np.asarray([int(np.argmax(m_idx == j)) for j in
+                                np.flatnonzero(np.bincount(m_idx))], dtype=np.int64)
+            spend[first] += first_switch[m_idx[first]] / n_workers
             c = cohort[r[idx]]
             # used[k, i]: pooled seconds spent on cohorts <= k by the first i + 1 upgrades.
             used = np.cumsum(np.where(c[None, :] <= np.arange(cohorts.size)[:, None], spend, 0),
