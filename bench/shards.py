@@ -15,6 +15,8 @@ SneakPeek beliefs, the same ``PlanProblem`` and policy, the plugin's booking of 
   deadline met over all requests say what a shard loses by not pricing its requests
   against the whole cluster. Each shard's data come from its own seed, as different wards'
   would, so small differences are noise.
+- ``uneven``: two wards, one RATIO times busier, planned jointly on all the workers or
+  as two shards with half of them each (``--uneven RATIOS``).
 - ``live`` (with ``--live``): K real runs side by side on this machine
   (``bench/scale.py --quick --groups N/K``, K LocalClusters at once), to measure what
   shards on one machine cost one another.
@@ -120,6 +122,44 @@ def sharding(tmp: Path, groups: int, per_type: int, shards: list[int], duration:
     return out
 
 
+def _replay(config: SerifConfig, duration: float, policy: str, seed: int) -> dict[str, float]:
+    load = SimulatedLoad.build(config, duration=duration, seed=seed, data_aware=True)
+    p = simulate(config, load, policy)
+    return {"requests": p.requests, "utility": p.mean_utility * p.requests,
+            "met": p.deadline_met * p.requests, "answered": p.answered, "dropped": p.dropped}
+
+
+def uneven(tmp: Path, groups: int, per_type: int, ratio: float, duration: float,
+           policy: str, seed: int) -> dict[str, Any]:
+    """Two wards, one ``ratio`` times busier than the other, on an even split of the
+    workers (two shards) or on all of them (one joint plan): what a static split costs
+    when the load is not where the workers are."""
+    if per_type % 2:
+        raise SystemExit("--per-type must be even for --uneven (two shards)")
+    busy = round(groups * ratio / (1 + ratio))
+    quiet = groups - busy
+    arrangements = {
+        "joint": [(with_workers(ward(tmp, f"joint-{groups}", groups), per_type), seed)],
+        "sharded": [
+            (with_workers(ward(tmp, f"busy-{busy}", busy), per_type // 2), seed),
+            (with_workers(ward(tmp, f"quiet-{quiet}", quiet), per_type // 2), seed + 1),
+        ],
+    }
+    out: dict[str, Any] = {"ratio": ratio, "busy_groups": busy, "quiet_groups": quiet}
+    for name, parts in arrangements.items():
+        runs = [_replay(config, duration, policy, s) for config, s in parts]
+        requests = sum(r["requests"] for r in runs)
+        out[name] = {
+            "requests": requests,
+            "mean_utility": round(sum(r["utility"] for r in runs) / requests, 4),
+            "deadline_met": round(sum(r["met"] for r in runs) / requests, 4),
+            "answered_share": round(sum(r["answered"] for r in runs) / requests, 4),
+            "dropped_share": round(sum(r["dropped"] for r in runs) / requests, 4),
+        }
+    out["joint_gain"] = round(out["joint"]["mean_utility"] - out["sharded"]["mean_utility"], 4)
+    return out
+
+
 def live(groups: int, shards: list[int]) -> dict[str, Any]:
     """K ``bench/scale.py --quick`` runs at once, each with groups / K."""
     out = {}
@@ -165,6 +205,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--policy", default="sneakpeek")
     parser.add_argument("--live", type=int, default=0, metavar="GROUPS",
                         help="also run bench/scale.py side by side, GROUPS split over shards")
+    parser.add_argument("--uneven", default="1,3", metavar="RATIOS",
+                        help="load ratios of a busy to a quiet ward, comma-separated, each "
+                             "planned jointly and as two shards (default 1,3; none: skip)")
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args(argv)
     sizes = [int(x) for x in (args.sizes or ("10000,30000" if args.quick
@@ -183,6 +226,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sharding": {"groups": args.groups, "workers_per_type": args.per_type,
                      "simulated_s": duration, "by_shards": split},
     }
+    if args.uneven != "none":
+        with tempfile.TemporaryDirectory(prefix="serif-bench-shards-") as tmp:
+            result["uneven"] = [uneven(Path(tmp), args.groups, args.per_type, float(r),
+                                       duration, args.policy, args.seed)
+                                for r in args.uneven.split(",")]
     if args.live:
         result["live"] = {"groups": args.live, "by_shards": live(args.live, shards)}
     result["bench_wall_s"] = round(time.time() - started, 1)

@@ -391,8 +391,11 @@ def simulate(config: SerifConfig, load: SimulatedLoad, policy: str, *,
                                   "worker": None, "groups": g.tolist(),
                                   "latency": float(latency[0])})
             tally.drop(int((~answer).sum()), app.miss_utility)
-        # Batches run on their worker in the order they were booked and submitted: the
-        # first reaches an idle worker and starts before the rest arrive.
+        # A round's batches are submitted together, ready at once: each worker runs its
+        # own by Dask priority (the plan's, highest first, as the driver submits them),
+        # ties in the order they were booked and submitted.
+        priority = np.asarray(plan.priority, dtype=float)
+        queued.sort(key=lambda q: -round(float(priority[q[2].rows].max()) * 1000))
         for key, j, batch in queued:
             a, tick, arrival = members[j]
             app, app_load = config.apps[a], load.apps[a]
