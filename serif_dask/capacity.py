@@ -391,11 +391,13 @@ def simulate(config: SerifConfig, load: SimulatedLoad, policy: str, *,
                                   "worker": None, "groups": g.tolist(),
                                   "latency": float(latency[0])})
             tally.drop(int((~answer).sum()), app.miss_utility)
-        # A round's batches are submitted together, ready at once: each worker runs its
-        # own by Dask priority (the plan's, highest first, as the driver submits them),
-        # ties in the order they were booked and submitted.
+        # Batches run on their worker in the order they were submitted (the first reaches
+        # an idle worker and starts before the rest arrive): the round's ticks submit in
+        # order of their batches' top priority (rounds.PlanRound), each in booking order.
         priority = np.asarray(plan.priority, dtype=float)
-        queued.sort(key=lambda q: -round(float(priority[q[2].rows].max()) * 1000))
+        top = {j: max(float(priority[b.rows].max()) for _, i, b in queued if i == j)
+               for j in {i for _, i, _ in queued}}
+        queued.sort(key=lambda q: -top[q[1]])
         for key, j, batch in queued:
             a, tick, arrival = members[j]
             app, app_load = config.apps[a], load.apps[a]

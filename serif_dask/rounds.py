@@ -8,6 +8,7 @@ decision, depend only on config and seed.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -72,12 +73,14 @@ class PlanRound:
         self.replies: dict[int, dict[str, Any]] = {}
         self.error: BaseException | None = None
         self.done = asyncio.Event()
+        self._resumed: dict[int, asyncio.Event] = {}
         self._task: asyncio.Task | None = None
 
     async def plan(self, member: int, part: dict[str, Any], now: float) -> dict[str, Any]:
         self.parts[member], self.now[member] = part, now
+        resumed = self._resumed.setdefault(member, asyncio.Event())
         self._maybe_start()
-        await self.done.wait()
+        await resumed.wait()
         if self.error is not None:
             raise self.error
         return self.replies[member]
@@ -104,4 +107,16 @@ class PlanRound:
             self.error = exc
         finally:
             await self.order.passed(self.seq)
+            # Members resume (and submit their score tasks, before they next await) in
+            # order of their batches' priority: a worker starts the first task it gets,
+            # so the earliest deadline's batches must reach it first, as planned.
+            for member in sorted(self._resumed, key=lambda m: (
+                    -top_priority(self.replies.get(m)), m)):
+                self._resumed[member].set()
             self.done.set()
+
+
+def top_priority(reply: dict[str, Any] | None) -> float:
+    """The highest priority of a plan reply's batches (-inf without any)."""
+    batches = (reply or {}).get("batches") or ()
+    return max((float(b["priority"]) for b in batches), default=-math.inf)
