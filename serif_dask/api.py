@@ -22,6 +22,7 @@ from typing import Any
 from distributed import Client, Future
 from distributed.protocol.pickle import loads
 
+from serif_dask.adaptive import SerifAdaptive, check_range, compute_pool
 from serif_dask.config import ResultsStream, SerifConfig, load_config
 from serif_dask.driver import Driver, RunOptions
 from serif_dask.memory import report_memory
@@ -65,6 +66,12 @@ def resolve_seed(seed: int | None, config: SerifConfig) -> int:
 class Serif:
     """serif-dask on the cluster behind ``client``: installs the plugins, runs the ticks.
 
+    ``adaptive=(MIN, MAX)`` with ``cluster=`` (the cluster object: a ``LocalCluster``, a
+    dask-jobqueue or dask-kubernetes cluster) scales its compute workers between MIN and
+    MAX during :meth:`run` with Dask's adaptive machinery, on the planner's demand
+    (:class:`serif_dask.adaptive.SerifAdaptive`); the config gains the compute nodes new
+    workers are named after (:func:`serif_dask.adaptive.compute_pool`).
+
     ``results_stream`` names a Redis stream that receives every record of a run (it
     overrides the key of the system config's ``results-stream``); ``records_rotation``
     rotates the ``records`` file (:class:`serif_dask.records.Rotation`).
@@ -84,10 +91,21 @@ class Serif:
         results_stream: str | None = None,
         replace: bool = False,
         warm_models: bool = True,
+        cluster: Any = None,
+        adaptive: tuple[int, int] | None = None,
     ):
         if not isinstance(config, SerifConfig):
             paths = [config] if isinstance(config, str | Path) else list(config)
             config = load_config(paths)
+        #: ``(MIN, MAX)`` compute workers, scaled by :class:`SerifAdaptive` during a run.
+        self.adaptive = check_range(*adaptive) if adaptive is not None else None
+        if self.adaptive is not None:
+            if cluster is None:
+                raise ValueError("adaptive=(MIN, MAX) needs the cluster object "
+                                 "(cluster=...): a client alone cannot start workers")
+            config = compute_pool(config, self.adaptive[1])
+        self.cluster = cluster
+        self._adaptive: SerifAdaptive | None = None
         self.client = client
         self.config = config
         self.policy = policy or config.system.scheduler_type
@@ -190,15 +208,29 @@ class Serif:
         # of a new one per tick kept for ever (serif_dask.service).
         anchors = keep_task_groups(self.client, self.driver.run_id)
         reporter = asyncio.create_task(report_memory(self.client, self.driver.run_id))
+        self._start_adaptive()
         try:
             self._summary = await self.driver.run(progress)
         finally:
+            if self._adaptive is not None:
+                self._adaptive.stop(reason="serif-run-ended")
+                self._adaptive = None
             reporter.cancel()
             for anchor in anchors:
                 anchor.release()
             if sink is not None:
                 await loop.run_in_executor(None, sink.close)
         return self._summary
+
+    def _start_adaptive(self) -> None:
+        """Dask's adaptive scaling of the compute workers, on the planner's signal."""
+        if self.adaptive is None:
+            return
+        low, high = self.adaptive
+        self._adaptive = self.cluster.adapt(
+            Adaptive=SerifAdaptive, minimum=low, maximum=high,
+            pool=self.config.system.node_names,
+        )
 
     def _sink(self) -> Any:
         """The run's results stream writer, when one is configured."""

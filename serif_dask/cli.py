@@ -127,6 +127,10 @@ def _security(ca_file: str | None, cert: str | None, key: str | None) -> Any:
 @click.option("--cold-start", is_flag=True,
               help="Do not load models before the first tick: they load on first use, as "
               "on a restarted worker (to measure what a cold start costs).")
+@click.option("--adaptive", metavar="MIN:MAX", default=None,
+              help="Scale compute workers between MIN and MAX with Dask's adaptive "
+              "machinery, on the planner's demand (the local cluster starts MIN; new ones "
+              "are named <node>-2, <node>-3 ...). Not with --scheduler-address.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def run(
     config: tuple[str, ...], duration: float | None, policy: str | None,
@@ -136,7 +140,7 @@ def run(
     simulate: bool, scheduler_address: str | None, scheduler_file: str | None,
     dashboard_address: str | None,
     replace: bool, tls_ca_file: str | None, tls_cert: str | None, tls_key: str | None,
-    cold_start: bool, quiet: bool,
+    cold_start: bool, adaptive: str | None, quiet: bool,
 ) -> None:
     """Serve CONFIG: tick every application, schedule, score, and print a summary.
 
@@ -154,6 +158,14 @@ def run(
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--policy") from None
     rotation = _rotation(records, records_max_bytes, records_rotate_every, records_keep)
+    bounds = None
+    if adaptive is not None:
+        from serif_dask.adaptive import parse_range
+
+        try:
+            bounds = parse_range(adaptive)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--adaptive") from None
     from serif_dask.runner import run_deployment
 
     summary, status = asyncio.run(
@@ -173,6 +185,7 @@ def run(
             warm_models=not cold_start,
             security=security,
             scheduler_file=Path(scheduler_file) if scheduler_file else None,
+            adaptive=bounds,
         )
     )
     if summary is not None:
@@ -476,6 +489,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("failures_by_reason"):
         reasons = ", ".join(f"{k} {v}" for k, v in summary["failures_by_reason"].items())
         lines.append(f"  not completed: {reasons}")
+    workers = summary.get("compute_workers") or {}
+    if workers.get("min") != workers.get("max"):  # scaled (adaptive, or workers lost)
+        lines.append(f"  compute workers {workers['min']}..{workers['max']}, mean "
+                     f"{workers['mean']:.2f}, {summary.get('worker_seconds', 0):.0f} "
+                     "worker-seconds")
     if len(summary.get("per_version", {})) > 1:  # reconfigured live
         parts = ", ".join(f"v{v} {s['requests']} requests, mean utility {s['mean_utility']:.3f}"
                           for v, s in summary["per_version"].items())

@@ -19,10 +19,12 @@ from serif_dask.roles import DATA_PREFIX
 from serif_dask.service import service_config, worker_config
 
 
-def worker_specs(config: SerifConfig) -> dict[str, dict[str, Any]]:
-    """Dask SpecCluster worker specs for every compute node and data server."""
+def worker_specs(config: SerifConfig, compute: int | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """Dask SpecCluster worker specs for every compute node (the first ``compute`` of
+    them, when given: adaptive scaling starts the others) and data server."""
     specs: dict[str, dict[str, Any]] = {}
-    for node in config.system.compute_nodes:
+    for node in config.system.compute_nodes[:compute]:
         specs[node.name] = {
             "name": node.name,
             "resources": {"GPU": 1},
@@ -75,22 +77,25 @@ def _new_cluster(
     return cluster
 
 
-def _add_workers(cluster: LocalCluster, config: SerifConfig) -> None:
+def _add_workers(cluster: LocalCluster, config: SerifConfig, compute: int | None) -> None:
     base = dict(cluster.new_spec["options"])
     dask_config = worker_config()
-    for name, spec in worker_specs(config).items():
+    for name, spec in worker_specs(config, compute).items():
         options = {**base, **spec, "preload": ["serif_dask.worker"], "config": dask_config}
         cluster.worker_spec[name] = {"cls": Nanny, "options": options}
 
 
 def local_cluster(
     config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40,
-    security: Security | None = None,
+    security: Security | None = None, compute_workers: int | None = None,
 ) -> LocalCluster:
     """A LocalCluster with exactly the config's workers, for ``Client(local_cluster(cfg))``.
 
     With ``security`` asking for TLS (or Dask's ``distributed.comm.tls.*`` config doing
     so), every connection of the cluster is ``tls://`` with those certificates.
+
+    ``compute_workers`` starts only the first that many compute nodes (the others are for
+    adaptive scaling, :mod:`serif_dask.adaptive`).
 
     The scheduler reads most of its settings when it starts; a few (the dashboard's task
     stream) only when first used, so a process hosting it for long also wants
@@ -99,7 +104,7 @@ def local_cluster(
     with service_config():
         cluster = _new_cluster(config, False, dashboard_address, silence_logs, security)
     try:
-        _add_workers(cluster, config)
+        _add_workers(cluster, config, compute_workers)
         cluster.sync(cluster._correct_state)
         cluster.wait_for_workers(len(cluster.worker_spec), timeout=120)
     except BaseException:
@@ -110,13 +115,13 @@ def local_cluster(
 
 async def start_local_cluster(
     config: SerifConfig, *, dashboard_address: str | None = None, silence_logs: Any = 40,
-    security: Security | None = None,
+    security: Security | None = None, compute_workers: int | None = None,
 ) -> LocalCluster:
     """The asynchronous form of :func:`local_cluster`."""
     with service_config():
         cluster = await _new_cluster(config, True, dashboard_address, silence_logs, security)
     try:
-        _add_workers(cluster, config)
+        _add_workers(cluster, config, compute_workers)
         await cluster._correct_state()
         await cluster.wait_for_workers(len(cluster.worker_spec), timeout=120)
     except BaseException:

@@ -129,6 +129,7 @@ class Driver:
         self.newest_version = 1
         self._preparing: asyncio.Task | None = None
         self._prepared_for = 1  # the version last prepared (applied or not)
+        self.capacity: dict[str, Any] = {}  # serif_capacity at the run's end
 
     def join(self, run_id: str) -> None:
         """Serve another driver's live run (ad-hoc requests only): its id, our estimators."""
@@ -188,6 +189,9 @@ class Driver:
             self.ready.cancel()
             self.log.close()
             if self.configured and not self.scheduler_lost and not self.replaced_by:
+                with contextlib.suppress(Exception):  # what the run's compute workers cost
+                    self.capacity = await asyncio.wait_for(
+                        self.client.scheduler.serif_capacity(), timeout=5)
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
                         self.client.scheduler.serif_end(run_id=self.run_id), timeout=5)
@@ -421,5 +425,8 @@ class Driver:
                 "wall_s": time.time() - self.started if self.started else 0.0,
                 "batch_latency": self.batch_times.summary(),
                 "tick_ms": self.stats.stages.result(),
+                "compute_workers": self.capacity.get(
+                    "compute_workers", {"min": 0, "max": 0, "mean": 0.0}),
+                "worker_seconds": self.capacity.get("worker_seconds", 0.0),
             },
         )

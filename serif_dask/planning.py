@@ -15,6 +15,7 @@ import numpy as np
 
 from serif_dask.config import SerifConfig
 from serif_dask.policies import DROP, Plan, PlanProblem
+from serif_dask.policies._common import MIN_GAIN
 from serif_dask.utility import expected_utility, row_normalise
 
 
@@ -301,3 +302,26 @@ def batches(problem: PlanProblem, plan: Plan, warm: np.ndarray, rows: np.ndarray
         )
         out.append(Batch(m, w, chunk, float(seconds)))
     return out
+
+
+def unmet_seconds(problem: PlanProblem, plan: Plan) -> tuple[int, float]:
+    """Requests the plan left unserved although a model would have earned more than the
+    drop (or the peek's answer), and the model seconds the cheapest such model needs.
+
+    This is work dropped for lack of capacity, not by choice: what the adaptive scaler
+    (:mod:`serif_dask.adaptive`) counts as demand the cluster did not meet.
+    """
+    model = np.asarray(plan.model)
+    unserved = np.flatnonzero(model == DROP)
+    if unserved.size == 0 or problem.infer.shape[1] == 0:
+        return 0, 0.0
+    eu = np.asarray(problem.eu, dtype=float)[unserved]
+    worth = eu > problem.drop_utility[unserved, None] + MIN_GAIN  # (U, M)
+    wanted = worth.any(axis=1)
+    if not wanted.any():
+        return 0, 0.0
+    infer = np.asarray(problem.infer, dtype=float)
+    cheapest = np.where(np.isfinite(infer), infer, np.inf).min(axis=1)  # (M,)
+    cost = np.where(worth[wanted], cheapest[None, :], np.inf).min(axis=1)
+    cost = cost[np.isfinite(cost)]
+    return int(wanted.sum()), float(cost.sum())

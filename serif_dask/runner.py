@@ -21,7 +21,7 @@ from distributed.security import Security
 from serif_dask.api import Serif
 from serif_dask.config import SerifConfig
 from serif_dask.driver import RunStats
-from serif_dask.errors import RunFailed
+from serif_dask.errors import RunFailed, RunRefused
 from serif_dask.records import RecordLog, Rotation
 from serif_dask.service import service_config
 
@@ -72,6 +72,7 @@ async def run_deployment(
     warm_models: bool = True,
     security: Security | None = None,
     scheduler_file: Path | None = None,
+    adaptive: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any] | None, int]:
     """Run ``config``; return (summary, exit status).
 
@@ -79,9 +80,18 @@ async def run_deployment(
     ``--scheduler-file`` does), else write the local cluster's address there (Dask's
     format, removed at the end), so that other commands (``serif-dask reconfigure
     --scheduler-file``) can find the run.
+
+    ``adaptive=(MIN, MAX)``: the local cluster starts MIN compute workers and Dask's
+    adaptive machinery scales them up to MAX on the planner's demand; refused on a
+    scheduler serif-dask did not start (it has no cluster object to start workers with).
     """
     if scheduler_file is not None and scheduler_address is None and scheduler_file.exists():
         scheduler_address = read_scheduler_file(scheduler_file)
+    if adaptive is not None and scheduler_address:
+        raise RunRefused("--adaptive scales the workers of a cluster serif-dask starts; with "
+                         "--scheduler-address (or an existing --scheduler-file) there is no "
+                         "cluster object to start workers with (use Serif(client, config, "
+                         "cluster=..., adaptive=...) from Python)")
     written: Path | None = None
     if not logger.isEnabledFor(logging.INFO):
         # The local scheduler lives in this process: keep Dask's chatter off the terminal.
@@ -116,8 +126,15 @@ async def run_deployment(
         else:
             from serif_dask.cluster import start_local_cluster
 
+            compute_workers = None
+            if adaptive is not None:
+                from serif_dask.adaptive import compute_pool
+
+                config = compute_pool(config, adaptive[1])
+                compute_workers = adaptive[0]
             cluster = await start_local_cluster(config, dashboard_address=dashboard_address,
-                                                security=security)
+                                                security=security,
+                                                compute_workers=compute_workers)
             client = await Client(cluster, asynchronous=True, security=cluster.security)
             host = cluster.scheduler.address
             if scheduler_file is not None:
@@ -130,6 +147,7 @@ async def run_deployment(
             client, config, policy=policy, data_aware=data_aware, seed=seed, records=records,
             records_rotation=records_rotation, results_stream=results_stream,
             replace=replace, warm_models=warm_models,
+            cluster=cluster if adaptive is not None else None, adaptive=adaptive,
         )
         await serif.install()
         bar = _Progress() if progress else None

@@ -32,6 +32,7 @@ from serif_dask.planning import (
     build_problem,
     join,
     peek_answer,
+    unmet_seconds,
 )
 from serif_dask.policies import DROP, Plan, PlanProblem, get_policy
 from serif_dask.policies._common import MIN_GAIN
@@ -65,6 +66,9 @@ CONFIG_TOPIC = "serif-config"
 #: Config versions of a run the plugin keeps (in-flight ticks of an older one still plan
 #: under it; a worker may still pull it).
 VERSIONS_KEPT = 16
+#: Seconds of plans the capacity signal (``serif_capacity``) averages over by default: long
+#: enough to span several ticks, short enough for a ramp to show within one adapt step.
+CAPACITY_WINDOW_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,40 @@ class WorkerState:
 
 
 @dataclass
+class ComputeTime:
+    """The number of compute workers over a run, integrated: what the cluster cost.
+
+    Counted from the plugin's own membership hooks, so it holds for any cluster manager
+    (a static one, Dask's adaptive, or workers started by hand).
+    """
+
+    since: float = 0.0  # wall time the current count holds from
+    count: int = 0
+    seconds: float = 0.0  # worker-seconds up to ``since``
+    started: float = 0.0
+    low: int = 0
+    high: int = 0
+
+    def start(self, now: float, count: int) -> None:
+        self.since = self.started = now
+        self.count = self.low = self.high = count
+        self.seconds = 0.0
+
+    def change(self, now: float, count: int) -> None:
+        if self.started:
+            self.seconds += self.count * max(0.0, now - self.since)
+        self.since, self.count = now, count
+        self.low, self.high = min(self.low, count), max(self.high, count)
+
+    def summary(self, now: float) -> dict[str, Any]:
+        total = self.seconds + self.count * max(0.0, now - self.since)
+        span = now - self.started
+        mean = total / span if span > 0 else float(self.count)
+        return {"compute_workers": {"min": self.low, "max": self.high, "mean": mean},
+                "worker_seconds": total}
+
+
+@dataclass
 class AppMetrics:
     """Running totals per application, for the dashboard and /metrics."""
 
@@ -161,6 +199,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 "serif_state": self.state,
                 "serif_warm": self.warm_update,
                 "serif_workers_ping": self.workers_ping,
+                "serif_capacity": self.capacity,
+                "serif_retire": self.retire,
             }
         )
         self.run_started = 0.0  # wall time of logical time 0
@@ -200,6 +240,13 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         self.version = 0
         self.applied_version = 0
         self.applied_at: dict[int, float] = {}
+        #: The capacity signal: per plan, (wall time, booked seconds, requests, requests
+        #: left unserved for lack of capacity, the seconds those would have needed).
+        self.demand: deque[tuple[float, float, int, int, float]] = deque(maxlen=4096)
+        self.last_plan = 0.0
+        #: Compute workers being retired (address -> since): no plan books them any more.
+        self.retiring: dict[str, float] = {}
+        self.compute_time = ComputeTime()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="serif-plan")
         for address in list(self.scheduler.workers):
             self._track_worker(address)
@@ -221,6 +268,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         try:
             self._track_worker(worker)
             self._announce(worker)
+            self._count_compute()
         except Exception:
             self.hook_errors += 1
             logger.exception("serif: add_worker hook failed for %s", worker)
@@ -230,6 +278,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             # Drivers learn of it at once, pushed (``Client.subscribe_topic``), not polled.
             self.scheduler.log_event(WORKERS_TOPIC, {"action": "remove", "worker": worker})
             state = self.workers.pop(worker, None)
+            self.retiring.pop(worker, None)
+            self._count_compute()
             if state is not None:
                 self.lost_workers[worker] = time.time()
                 while len(self.lost_workers) > LOST_WORKERS_KEPT:  # a run with churn
@@ -256,6 +306,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         except Exception:
             self.hook_errors += 1
             logger.exception("serif: transition hook failed for %s", key)
+
+    def _count_compute(self) -> None:
+        self.compute_time.change(
+            time.time(), sum(1 for s in self.workers.values() if s.role == "compute"))
 
     def _track_worker(self, address: str) -> None:
         ws = self.scheduler.workers.get(address)
@@ -353,6 +407,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             for app in parsed.apps
         }
         self.metrics = {app.name: AppMetrics() for app in parsed.apps}
+        self.demand.clear()
+        self.last_plan = self.run_started
+        self.compute_time.start(
+            self.run_started, sum(1 for s in self.workers.values() if s.role == "compute"))
         self.decision_ms.clear()
         self.latest_pi.clear()
         self.lost_workers.clear()
@@ -599,9 +657,10 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         # per request touches the event loop (the scheduler's, in one-machine mode the
         # driver's too).
         loop = asyncio.get_running_loop()
-        problem, problems, beliefs_out, plan = await loop.run_in_executor(
+        problem, problems, beliefs_out, plan, unmet = await loop.run_in_executor(
             self._executor, self._decide, parts, request, view, now, cv)
         model = np.asarray(plan.model)
+        booked = 0.0
         replies, offset = [], 0
         for part, sub, (pi_est, single_pi) in zip(parts, problems, beliefs_out, strict=True):
             rows = np.arange(offset, offset + sub.n_requests)
@@ -610,6 +669,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             batches = self._commit(part["app"], label, problem, plan, view, rows, table)
             for batch in batches:
                 batch["version"] = cv.version
+                booked += batch["estimate_s"]
             unserved = rows[model[rows] == DROP]
             app_table = table.app(part["app"])
             answer = problem.peek_utility[unserved] > problem.miss_utility[unserved] + MIN_GAIN
@@ -625,6 +685,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             })
         decision_ms = (time.perf_counter() - t0) * 1000.0
         self.decision_ms.append(decision_ms)
+        self.last_plan = time.time()
+        self.demand.append((self.last_plan, booked, problem.n_requests, *unmet))
         for reply in replies:
             reply["decision_ms"] = decision_ms
         return replies[0] if single else {"parts": replies, "decision_ms": decision_ms}
@@ -755,9 +817,11 @@ class SerifSchedulerPlugin(SchedulerPlugin):
     def _decide(
         self, parts: list[dict[str, Any]], request: str | None, view: WorkerView, now: float,
         cv: ConfigVersion,
-    ) -> tuple[PlanProblem, list[PlanProblem], list[tuple[np.ndarray, Any]], Plan]:
+    ) -> tuple[PlanProblem, list[PlanProblem], list[tuple[np.ndarray, Any]], Plan,
+               tuple[int, float]]:
         """Advance the beliefs by the parts' peeks, build one problem, ask the policy
-        (all under the config version ``cv`` the ticks started with)."""
+        (all under the config version ``cv`` the ticks started with); and what the plan
+        left unserved for lack of capacity (:func:`planning.unmet_seconds`)."""
         table, data_aware = cv.table, cv.data_aware
         problems, beliefs_out, seeds = [], [], [self.seed]
         for part in parts:
@@ -794,12 +858,83 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             plan = Plan(model=np.full(r, DROP), worker=np.full(r, DROP), priority=np.zeros(r))
         else:
             plan = cv.policy(problem)
-        return problem, problems, beliefs_out, plan
+        return problem, problems, beliefs_out, plan, unmet_seconds(problem, plan)
 
     def workers_ping(self, token: str) -> None:
         """Echo ``token`` on ``WORKERS_TOPIC``: a client that receives it knows its
         subscription is live (it travels apart from handler calls, so it may lag them)."""
         self.scheduler.log_event(WORKERS_TOPIC, {"action": "ping", "token": token})
+
+    # -- capacity: the adaptive scaler's signal ------------------------------------------
+    def capacity(self, window: float | None = None) -> dict[str, Any]:
+        """The planner's demand on the compute workers, for an adaptive scaler.
+
+        Over the last ``window`` seconds of plans (default ``CAPACITY_WINDOW_S``):
+        ``booked`` model seconds per second the plans put on workers, ``unmet`` seconds per
+        second of work they left unserved for lack of capacity (dropped or answered from
+        the peek although a model would have earned more), their share of requests
+        (``unmet_share``), ``busy`` (booked seconds per second per active compute worker),
+        ``idle_s`` since the last plan; each compute worker with its pending batches and
+        whether it is being retired; and the run's ``compute_workers`` / ``worker_seconds``.
+        Arithmetic on what plans left behind: no I/O, no waiting, safe on the event loop.
+        """
+        now = time.time()
+        window = CAPACITY_WINDOW_S if window is None else float(window)
+        # Never average over time before the run began: a ramp would look diluted.
+        start = max(now - window, self.run_started if self.run_id else now - window)
+        span = max(now - start, 1e-6)
+        requests = unmet_n = 0
+        booked_s = unmet_s = 0.0
+        for t, b, r, un, us in self.demand:
+            if t >= start:
+                booked_s += b
+                requests += r
+                unmet_n += un
+                unmet_s += us
+        real_now = self.clock(now)
+        compute = []
+        for s in sorted(self.workers.values(), key=lambda s: s.name):
+            if s.role != "compute":
+                continue
+            self._forget_unsubmitted(s, real_now)
+            compute.append({"address": s.address, "name": s.name, "node": s.node,
+                            "pending": len(s.pending),
+                            "retiring": s.address in self.retiring,
+                            "backlog": s.backlog(real_now, self.slack, real_now)})
+        active = sum(1 for w in compute if not w["retiring"])
+        booked = booked_s / span
+        return {
+            "run_id": self.run_id,
+            "live": self.live_run() is not None,
+            "planned": bool(self.demand),
+            "window_s": span,
+            "booked": booked,
+            "unmet": unmet_s / span,
+            "unmet_share": unmet_n / requests if requests else 0.0,
+            "requests": requests,
+            "busy": booked / active if active else 0.0,
+            "idle_s": now - self.last_plan if self.last_plan else math.inf,
+            "compute": compute,
+            "active": active,
+            **self.compute_time.summary(now),
+        }
+
+    def retire(self, workers: list[str]) -> dict[str, Any]:
+        """Stop booking these compute workers (names or addresses): they are about to be
+        closed. Batches already booked there still run; the reply says how many, so the
+        caller closes a worker only once its queue is empty and no batch is lost."""
+        by_name = {s.name: a for a, s in self.workers.items()}
+        out = {}
+        for worker in workers:
+            address = worker if worker in self.workers else by_name.get(str(worker))
+            state = self.workers.get(address) if address else None
+            if state is None or state.role != "compute":
+                continue
+            self.retiring.setdefault(address, time.time())
+            out[address] = len(state.pending)
+            logger.info("serif: retiring compute worker %s (%d batches queued)",
+                        state.name, len(state.pending))
+        return {"retiring": out}
 
     def _set_host_node(self, address: str, state: WorkerState, node: str) -> None:
         """A worker's shared-memory node; drivers hear of a change (``WORKERS_TOPIC``)."""
@@ -838,6 +973,7 @@ class SerifSchedulerPlugin(SchedulerPlugin):
                 s
                 for s in self.workers.values()
                 if s.role == "compute" and s.node in table.node_names
+                and s.address not in self.retiring
             ),
             key=lambda s: s.name,
         )
@@ -846,12 +982,8 @@ class SerifSchedulerPlugin(SchedulerPlugin):
         for w, s in enumerate(compute):
             cols = [index[m] for m in s.warm if m in index]
             warm[w, cols] = True
-        for s in compute:  # bookings whose batch was never submitted (its tick failed)
-            gone = [key for key, (finish, _) in s.pending.items()
-                    if finish < real_now - 1.0 and key not in self.scheduler.tasks]
-            for key in gone:
-                s.pending.pop(key, None)
-                self.pending.pop(key, None)
+        for s in compute:
+            self._forget_unsubmitted(s, real_now)
         backlog = np.asarray([s.backlog(now, self.slack, real_now) for s in compute])
         for s, b in zip(compute, backlog, strict=True):
             # Where reality ran behind the plan, the logical clock catches up with it, so
@@ -872,6 +1004,14 @@ class SerifSchedulerPlugin(SchedulerPlugin):
             backlog=backlog,
             warm=warm,
         )
+
+    def _forget_unsubmitted(self, state: WorkerState, real_now: float) -> None:
+        """Drop bookings whose batch was never submitted (its tick failed)."""
+        gone = [key for key, (finish, _) in state.pending.items()
+                if finish < real_now - 1.0 and key not in self.scheduler.tasks]
+        for key in gone:
+            state.pending.pop(key, None)
+            self.pending.pop(key, None)
 
     def _commit(
         self, app: str, tick: str, problem: Any, plan: Plan, view: WorkerView,
