@@ -72,7 +72,6 @@ class PlanRound:
         self.left: set[int] = set()
         self.replies: dict[int, dict[str, Any]] = {}
         self.error: BaseException | None = None
-        self.done = asyncio.Event()
         self._resumed: dict[int, asyncio.Event] = {}
         self._task: asyncio.Task | None = None
 
@@ -113,7 +112,6 @@ class PlanRound:
             for member in sorted(self._resumed, key=lambda m: (
                     -top_priority(self.replies.get(m)), m)):
                 self._resumed[member].set()
-            self.done.set()
 
 
 def top_priority(reply: dict[str, Any] | None) -> float:
