@@ -60,13 +60,19 @@ def _chunk(n: int, tick: int = 0) -> Chunk:
 
 
 # -- records: rotation, bounded summaries ------------------------------------------------
+def _write_ticks(path: Path, rotation: Rotation, ticks: int, per_tick: int) -> RecordLog:
+    """A records log at ``path`` that was given ``ticks`` chunks and closed."""
+    log = RecordLog(path, rotation)
+    log.open()
+    for tick in range(ticks):
+        log.add(_chunk(per_tick, tick))
+    log.close()
+    return log
+
+
 def test_records_rotate_by_size_and_keep_only_the_newest(tmp_path: Path) -> None:
     path = tmp_path / "r.jsonl"
-    log = RecordLog(path, Rotation(max_bytes=4000, keep=2))
-    log.open()
-    for tick in range(40):
-        log.add(_chunk(5, tick))
-    log.close()
+    log = _write_ticks(path, Rotation(max_bytes=4000, keep=2), ticks=40, per_tick=5)
     files = [p for p in rotated_paths(path, 5) if p.exists()]
     assert [p.name for p in files] == ["r.jsonl", "r.jsonl.1", "r.jsonl.2"]
     assert log.rotations > 2
@@ -85,11 +91,7 @@ def test_records_added_while_the_writer_rotates_are_all_written(tmp_path: Path) 
     # Rotating after every chunk keeps the writer thread busy closing and reopening files
     # while the caller adds the next chunks: none may be skipped for it.
     path = tmp_path / "r.jsonl"
-    log = RecordLog(path, Rotation(max_bytes=1, keep=400))
-    log.open()
-    for tick in range(300):
-        log.add(_chunk(3, tick))
-    log.close()
+    _write_ticks(path, Rotation(max_bytes=1, keep=400), ticks=300, per_tick=3)
     ticks = [json.loads(line)["tick"] for p in reversed(rotated_paths(path, 400))
              if p.exists() for line in p.read_text().splitlines()]
     assert ticks == [t for t in range(300) for _ in range(3)]
